@@ -1,0 +1,224 @@
+"""One pydantic model tree for a whole run, loaded from YAML plus `--set a.b=VALUE` overrides.
+
+Every field is typed and described; unknown keys are refused (`extra="forbid"`). A bad value
+fails here, before any model or Ray process starts, as a ConfigError whose lines each name a
+field path and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Non-finite numbers are refused everywhere: a NaN weight would silently poison every step.
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Source = Annotated[str, Field(min_length=1)]
+
+REWARD_NAMES = ("pickscore", "clip_score", "hpsv2", "image_reward", "aesthetic")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+class RunSection(Section):
+    name: str = Field("distar-default", min_length=1, description="Run name; also the MLflow run name.")
+    seed: int = Field(0, ge=0, description="Seed for noise, timesteps, prompt order and initialisation.")
+    steps: int = Field(20, ge=1, description="Generator updates to run.")
+    output_dir: str = Field("runs/default", min_length=1, description="Folder for checkpoints, grids and the exported generator.")
+    log_every: int = Field(1, ge=1, description="Print a step line every N generator updates.")
+
+
+class ModelSection(Section):
+    family: Literal["toy", "sd15"] = Field("sd15", description="Model family: conditioning and UNet call convention (SD1.5 structure for both; sdxl lands with its conditioning).")
+    reference: Source = Field("tiny-random", description="Reference diffusion model: a diffusers folder, s3:// URI, hub id, or `tiny-random` (untrained smoke-test models).")
+    generator_init: str | None = Field(None, description="Initial generator weights (diffusers UNet folder); default: the reference UNet.")
+    t_star: int = Field(399, ge=1, description="Timestep at which the one-step generator reads its noise input z as x_t*.")
+    num_train_timesteps: int = Field(1000, ge=2, description="Length of the reference's discrete schedule; checked against its scheduler config at load.")
+    resolution: int = Field(32, ge=8, description="Generated image side in pixels.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training and transfer dtype.")
+
+
+class ObjectiveSection(Section):
+    divergence: Literal["score", "kl"] = Field("score", description="score: DI* score divergence; kl: Diff-Instruct/DI++ (ablation).")
+    alpha: NonNegative = Field(1.0, description="Divergence coefficient; 0 trains on rewards alone.")
+    distance: Literal["pseudo_huber", "l2"] = Field("pseudo_huber", description="Distance d(y) on the score difference.")
+    huber_c: Positive = Field(1.0, description="Pseudo-Huber constant c, in score units per sample.")
+    weighting: Literal["x0", "uniform"] = Field("x0", description="Per-timestep weight w(t): x0 = b_t^2/a_t (loss in x0 units), uniform = 1 (score units).")
+    t_min: int = Field(20, ge=0, description="Smallest diffusion timestep sampled for the divergence.")
+    t_max: int = Field(979, ge=1, description="Largest diffusion timestep sampled for the divergence.")
+    cfg_scale: NonNegative = Field(4.5, description="Classifier-free guidance scale w of the reference.")
+    cfg_placement: Literal["inside", "outside", "none"] = Field("inside", description="inside: guided reference in the divergence; outside: guidance as an implicit reward; none: unguided.")
+
+
+class RewardSpec(Section):
+    name: Literal[REWARD_NAMES] = Field(description="Reward model kind.")
+    source: Source = Field(description="Reward model weights: folder, s3:// URI, hub id, or `tiny-random`.")
+    weight: NonNegative = Field(1.0, description="lambda_k; 0 scores and logs the reward without optimising it.")
+
+
+class OptimizerSpec(Section):
+    lr: Positive = Field(1e-5, description="Adam learning rate.")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field((0.0, 0.999), description="Adam betas.")
+    weight_decay: NonNegative = Field(0.0, description="Decoupled weight decay.")
+    eps: Positive = Field(1e-8, description="Adam epsilon.")
+
+
+class OptimSection(Section):
+    generator: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Generator optimiser.")
+    fake_score: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Fake-score optimiser.")
+    fake_updates_per_step: int = Field(1, ge=1, description="Fake-score updates K per generator update.")
+    grad_clip: Positive | None = Field(1.0, description="Global grad-norm clip for both networks; null disables.")
+
+
+class DataSection(Section):
+    prompts: Source = Field("tiny-random", description="Prompt source: .txt (one a line), .csv/.json with a `prompt` column, s3:// URI, or `tiny-random`.")
+    batch_size: int = Field(2, ge=1, description="Prompts per generator update per trainer worker.")
+
+
+class PoolSpec(Section):
+    replicas: int = Field(1, ge=1, description="Replicas in the pool.")
+    num_cpus: Positive = Field(1.0, description="CPUs per replica (fractions allowed).")
+    num_gpus: NonNegative = Field(0.0, description="GPUs per replica (fractions allowed).")
+    max_batch_size: int = Field(8, ge=1, description="Largest batch a replica assembles from concurrent requests.")
+
+
+class ClusterSection(Section):
+    trainer_workers: int = Field(1, ge=1, description="Ray Train workers, each holding generator and fake score.")
+    trainer_cpus: Positive = Field(1.0, description="CPUs per trainer worker.")
+    trainer_gpus: NonNegative = Field(0.0, description="GPUs per trainer worker.")
+    reward_pool: PoolSpec = Field(default_factory=PoolSpec, description="Reward scoring workers.")
+    reference_pool: PoolSpec = Field(default_factory=PoolSpec, description="Reference inference pool.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage for the trainer engines.")
+
+
+class TrackingSection(Section):
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or a local sqlite store.")
+    experiment: str = Field("distar", min_length=1, description="MLflow experiment name.")
+    registered_model: str = Field("distar-generator", min_length=1, description="Registry name for the finished generator.")
+
+
+class RunConfig(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="pickscore", source="tiny-random", weight=1.0)],
+        description="Reward models and their weights.",
+    )
+    optim: OptimSection = Field(default_factory=OptimSection)
+    data: DataSection = Field(default_factory=DataSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        # Cross-field checks; each message starts with the field path it blames.
+        T, obj = self.model.num_train_timesteps, self.objective
+        if self.model.t_star >= T:
+            raise ValueError(f"model.t_star: {self.model.t_star} is outside the schedule [1, {T - 1}]")
+        if obj.t_max >= T:
+            raise ValueError(f"objective.t_max: {obj.t_max} is outside the schedule [1, {T - 1}]")
+        if obj.t_min >= obj.t_max:
+            raise ValueError(f"objective.t_min: {obj.t_min} must be below objective.t_max ({obj.t_max})")
+        if obj.alpha == 0 and not any(r.weight > 0 for r in self.rewards):
+            raise ValueError("rewards: objective.alpha is 0 (reward-only) but no reward has a positive weight; nothing to optimise")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rewards: names must be unique (metrics are keyed by name), got {names}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; str() is the message to print."""
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        if not e["loc"]:  # cross-field check: the message names its own path
+            lines.append(f"config error: {msg}")
+            continue
+        path = ".".join(str(p) for p in e["loc"])
+        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        if len(got) > 80 or isinstance(e["input"], dict):
+            got = ""
+        lines.append(f"config error: {path}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` inside nested dicts/lists, creating dicts for missing keys."""
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"config error: {'.'.join(keys[: i + 1])}: no such list index (list has {len(node)} items)")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"config error: {'.'.join(keys[:i])}: is a value, cannot set {dotted}")
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and key not in node:
+                node[key] = {}
+            node = node[key]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"config error: --set {text!r}: expected PATH=VALUE, e.g. objective.alpha=0.5")
+    path, raw = text.split("=", 1)
+    if not path:
+        raise ConfigError(f"config error: --set {text!r}: empty path")
+    try:
+        return path, yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config error: {path}: value {raw!r} is not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Deep-merge mappings; lists and scalars in `top` replace those in `base`."""
+    out = dict(base)
+    for k, v in top.items():
+        if v is None and isinstance(base.get(k), dict):
+            v = {}  # an empty section (`objective:` with nothing under it) keeps its defaults
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults <- YAML file <- overrides, validated once at the end."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config error: --config {p}: no such file")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            reason = " ".join(str(e).split())  # one line, whatever the parser printed
+            raise ConfigError(f"config error: --config {p}: not valid YAML: {reason}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config error: --config {p}: top level must be a mapping of sections")
+    # Overrides address the merged tree, so `--set rewards.0.weight=2` reaches a default list.
+    tree = _merge(RunConfig().model_dump(mode="json"), tree)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+

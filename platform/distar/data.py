@@ -1,0 +1,69 @@
+"""Prompt sources: a text file (one prompt a line), a CSV or JSON with a `prompt` column, or `tiny-random`.
+
+Prompts are read once at start (a bad source fails before any model loads) and served in a
+seeded, epoch-wise shuffled order addressed by position, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+from distar.models import tiny
+
+
+class PromptError(ValueError):
+    """An unusable prompt source; str() is the message to print."""
+
+
+def load_prompts(source: str, field: str = "data.prompts") -> list[str]:
+    if source == "tiny-random":
+        return list(tiny.PROMPTS)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise PromptError(f"{field}: {source!r} is not a readable file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PromptError(f"{field}: cannot read {source!r}: {e}") from None
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        if not rows or "prompt" not in rows[0]:
+            raise PromptError(f"{field}: {source!r} has no `prompt` column")
+        prompts = [r["prompt"] for r in rows]
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PromptError(f"{field}: {source!r} is not valid JSON: {e}") from None
+        rows = data.get("prompt", data.get("prompts")) if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise PromptError(f"{field}: {source!r}: expected a list of prompts or of objects with a `prompt` key")
+        prompts = [r.get("prompt") if isinstance(r, dict) else r for r in rows]
+        if not all(isinstance(p, str) for p in prompts):
+            raise PromptError(f"{field}: {source!r}: every entry needs a string prompt")
+    else:
+        prompts = text.splitlines()
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise PromptError(f"{field}: {source!r} holds no prompts")
+    return prompts
+
+
+class PromptSampler:
+    """Batch k of a run is a pure function of (seed, k): resuming needs only the step."""
+
+    def __init__(self, prompts: list[str], batch_size: int, seed: int):
+        self.prompts, self.batch_size, self.seed = prompts, batch_size, seed
+
+    def batch(self, step: int) -> list[str]:
+        n, out = len(self.prompts), []
+        for i in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, pos = divmod(i, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            out.append(self.prompts[order[pos]])
+        return out

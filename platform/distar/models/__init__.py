@@ -1,0 +1,1 @@
+"""Model families: loading diffusers folders, text conditioning, denoisers and the one-step generator."""

@@ -1,0 +1,87 @@
+"""Tiny random models in the ecosystem's own folder formats, for tests and smoke runs.
+
+They are built from small configs with a fixed seed, saved with `save_pretrained`, and then
+loaded through exactly the code that loads real SD1.5 or PickScore folders. Their numbers
+mean nothing: they only exercise the machinery.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distar.models.tokenizer import build_word_tokenizer
+
+WORDS = "a the on in of small large red yellow green cyan blue magenta circle square triangle left right top bottom center".split()
+PROMPTS = [
+    "a small red circle on the left",
+    "a large blue square on the right",
+    "a small green triangle on the top",
+    "a large yellow circle in the center",
+    "a small cyan square on the bottom",
+    "a large magenta triangle on the left",
+]
+MAX_TOKENS = 16
+RESOLUTION = 32  # pixels; the VAE downsamples by 4 to 8x8x4 latents
+
+
+def _tokenizer():
+    return build_word_tokenizer(WORDS, max_length=MAX_TOKENS)
+
+
+def _text_config(tokenizer) -> dict:
+    return dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_sd15_pipeline(path: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A diffusers StableDiffusionPipeline folder with SD1.5's structure and tiny widths."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer)))
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, layers_per_block=1,
+        block_out_channels=(8, 16, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type=prediction_type, clip_sample=False,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return Path(path)
+
+
+def build_clip(path: str | Path, seed: int = 0) -> Path:
+    """A transformers CLIPModel folder (model, tokenizer, image preprocessing) as PickScore ships."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer()
+    model = CLIPModel(CLIPConfig(
+        text_config=_text_config(tokenizer),
+        vision_config=dict(image_size=RESOLUTION, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2),
+        projection_dim=16,
+    ))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": RESOLUTION}, crop_size={"height": RESOLUTION, "width": RESOLUTION}).save_pretrained(path)
+    return Path(path)

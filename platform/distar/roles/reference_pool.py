@@ -1,0 +1,51 @@
+"""Reference pool: the frozen reference with CFG; returns D_ref and its share of the divergence gradient."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distar.models.diffusion import Denoiser, TextConditioner, cat_cond
+from distar.objectives import DivergenceSpec, reference_side
+
+
+@dataclass
+class ReferenceRequest:
+    x_t: Tensor
+    t: Tensor
+    prompts: list[str]
+    x0: Tensor
+    d_fake: Tensor
+    spec: DivergenceSpec  # guidance scale and loss constants travel with the request
+
+
+@dataclass
+class ReferenceResult:
+    d_ref: Tensor
+    g_ref: Tensor | None  # dL/dx_t through the reference; None when the trainer needs none
+
+
+class ReferencePool:
+    """Holds the reference UNet and text encoder; stateless with respect to hyperparameters."""
+
+    def __init__(self, denoiser: Denoiser, conditioner: TextConditioner):
+        self.denoiser = denoiser.requires_grad_(False).eval()
+        self.conditioner = conditioner
+        self._empty = conditioner([""])  # the unconditional embedding, computed once
+
+    def __call__(self, req: ReferenceRequest) -> ReferenceResult:
+        n, spec = len(req.prompts), req.spec
+        cond = self.conditioner(req.prompts)
+        uncond = {k: v.expand(n, *v.shape[1:]) for k, v in self._empty.items()}
+
+        def denoise(x: Tensor) -> tuple[Tensor, Tensor | None]:
+            if not spec.needs_uncond:
+                return self.denoiser(x, req.t, cond), None
+            both = self.denoiser(torch.cat([x, x]), torch.cat([req.t, req.t]), cat_cond(cond, uncond))
+            return both[:n], both[n:]
+
+        a, b = self.denoiser.schedule.ab(req.t, req.x_t)
+        d_ref, g_ref = reference_side(denoise, req.x_t, req.x0, req.d_fake, a, b, spec)
+        return ReferenceResult(d_ref, g_ref)

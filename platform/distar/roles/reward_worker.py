@@ -1,0 +1,37 @@
+"""Reward worker: latents in, per-model rewards and their gradients with respect to the latents out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distar.rewards import RewardModel
+
+
+@dataclass
+class RewardResult:
+    rewards: dict[str, Tensor]  # name -> [B] scores
+    grads: dict[str, Tensor]  # name -> d r_k / d x0, shaped like x0
+
+
+class RewardWorker:
+    """Decodes detached latents with the VAE, scores them with each reward model and
+    back-propagates each score to the latents. Weights are the trainer's business."""
+
+    def __init__(self, decode: Callable[[Tensor], Tensor], models: Mapping[str, RewardModel]):
+        self.decode, self.models = decode, dict(models)
+
+    def __call__(self, x0: Tensor, prompts: list[str]) -> RewardResult:
+        x = x0.detach().requires_grad_()
+        rewards, grads = {}, {}
+        with torch.enable_grad():
+            images = self.decode(x)  # decoded once, shared by every model's backward
+            names = list(self.models)
+            for i, name in enumerate(names):
+                score = self.models[name](images, prompts)
+                (grads[name],) = torch.autograd.grad(score.sum(), x, retain_graph=i < len(names) - 1)
+                rewards[name] = score.detach()
+        return RewardResult(rewards, grads)
