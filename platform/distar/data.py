@@ -7,6 +7,7 @@ seeded, epoch-wise shuffled order addressed by position, so a resumed run sees t
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from pathlib import Path
 
@@ -61,9 +62,11 @@ class PromptSampler:
         self.prompts, self.batch_size, self.seed = prompts, batch_size, seed
 
     def batch(self, step: int) -> list[str]:
-        n, out = len(self.prompts), []
-        for i in range(step * self.batch_size, (step + 1) * self.batch_size):
-            epoch, pos = divmod(i, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-            out.append(self.prompts[order[pos]])
-        return out
+        n = len(self.prompts)
+        positions = (divmod(i, n) for i in range(step * self.batch_size, (step + 1) * self.batch_size))
+        return [self.prompts[self._order(epoch)[pos]] for epoch, pos in positions]
+
+    @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.prompts), generator=g).tolist()

@@ -59,7 +59,7 @@ def build_sd15_pipeline(path: str | Path, seed: int = 0, prediction_type: str = 
     )
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type=prediction_type, clip_sample=False,
+        prediction_type=prediction_type, clip_sample=False, steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,

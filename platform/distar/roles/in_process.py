@@ -74,10 +74,10 @@ def _eta(seconds: float) -> str:
 
 def train(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
     """Run cfg.run.steps updates in this process; export the generator; return its folder."""
+    run = build(cfg)  # every source resolves before anything is written
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
-    run = build(cfg)
     rng = torch.Generator().manual_seed(cfg.run.seed)
     start, steps = time.perf_counter(), cfg.run.steps
     for step in range(steps):

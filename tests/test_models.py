@@ -1,0 +1,81 @@
+"""Loading diffusers folders, the one-step generator, its export, and the reward wrappers."""
+
+import copy
+
+import pytest
+import torch
+
+from distar.models import sources
+from distar.models.diffusion import OneStepGenerator, export_generator, load_parts
+from distar.models.tiny import build_sd15_pipeline
+from distar.rewards import load_reward
+from distar.rewards.clip import resize_center_crop
+
+
+def test_exported_generator_samples_in_one_step_with_the_stock_pipeline(tiny_pipeline, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    parts = load_parts(tiny_pipeline, 1000)
+    generator = OneStepGenerator(copy.deepcopy(parts.unet), parts.schedule, t_star=399)
+    folder = export_generator(generator, parts.folder, tmp_path / "generator")
+    assert not (tmp_path / "generator.partial").exists()
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    z = torch.randn(2, *parts.latent_shape(32), generator=torch.Generator().manual_seed(0))
+    prompts = ["a small red circle on the left", "a large blue square on the right"]
+    latents = pipe(prompts, num_inference_steps=1, timesteps=[399], guidance_scale=1.0, latents=z, output_type="latent").images
+    with torch.no_grad():
+        ours = generator(z, parts.conditioner(prompts))
+    torch.testing.assert_close(latents, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_v_prediction_reference_loads_with_its_schedule(tmp_path):
+    parts = load_parts(build_sd15_pipeline(tmp_path / "v", prediction_type="v_prediction"), 1000)
+    assert parts.schedule.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="model.num_train_timesteps"):
+        load_parts(tmp_path / "v", 500)
+
+
+def test_latent_shape_and_resolution(tiny_pipeline):
+    parts = load_parts(tiny_pipeline, 1000)
+    assert parts.latent_shape(32) == (4, 8, 8)
+    with pytest.raises(ValueError, match="model.resolution"):
+        parts.latent_shape(30)
+
+
+def test_sources(tmp_path, tiny_pipeline):
+    assert sources.resolve(str(tiny_pipeline), "pipeline", tmp_path, "model.reference") == tiny_pipeline
+    built = sources.resolve("tiny-random", "clip", tmp_path, "rewards.0.source")
+    assert (built / "config.json").is_file() and sources.resolve("tiny-random", "clip", tmp_path, "x") == built
+    for bad in ("/no/such/folder", "./relative/missing", "not-a-hub-id"):
+        with pytest.raises(sources.SourceError, match="model.reference"):
+            sources.resolve(bad, "pipeline", tmp_path, "model.reference")
+    with pytest.raises(sources.SourceError, match="could not fetch"):  # HF_HUB_OFFLINE=1 in tests
+        sources.resolve("someone/some-model", "pipeline", tmp_path, "model.reference")
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clip_score"])
+def test_rewards_are_differentiable_in_the_images(tiny_clip, name):
+    reward = load_reward(name, tiny_clip)
+    images = torch.rand(3, 3, 48, 40, requires_grad=True)  # any size: resized in torch
+    scores = reward(images, ["a red circle", "a blue square", ""])
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+    (grad,) = torch.autograd.grad(scores.sum(), images)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in reward.parameters())  # reward models stay frozen
+    if name == "clip_score":
+        assert scores.abs().max() <= 100  # 100 * cosine
+
+
+def test_unknown_reward_is_refused(tiny_clip):
+    with pytest.raises(KeyError, match="unknown reward"):
+        load_reward("nope", tiny_clip)
+
+
+def test_resize_center_crop_keeps_the_middle():
+    img = torch.zeros(1, 3, 20, 40)
+    img[..., :, 10:30] = 1.0  # a bright centre band as wide as the crop
+    out = resize_center_crop(img, 10)
+    assert out.shape == (1, 3, 10, 10)
+    assert out[..., :, 2:8].min() > 0.9
