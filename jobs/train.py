@@ -14,8 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # runnable from a bare checkout
 
-from distar.config import ConfigError, load_config, to_yaml  # noqa: E402
-from distar.data import PromptError, load_prompts  # noqa: E402
+from distar.config import load_config, to_yaml  # noqa: E402
+from distar.data import load_prompts  # noqa: E402
+from distar.errors import UserError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,19 +36,15 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         load_prompts(cfg.data.prompts)  # an unreadable prompt source fails here, before models load
-    except (ConfigError, PromptError) as e:
-        print(e if isinstance(e, ConfigError) else f"config error: {e}", file=sys.stderr)
-        return 2
-    if cfg.model.reference == "tiny-random":
-        print("note: model.reference is `tiny-random`: untrained tiny models run the in-process trainer; "
-              "the numbers show the machinery works, not image quality.")
-    from distar.roles.in_process import train
-    from distar.models.sources import SourceError
+        if cfg.model.reference == "tiny-random":
+            print("note: model.reference is `tiny-random`: untrained tiny models run the in-process trainer; "
+                  "the numbers show the machinery works, not image quality.")
+        from distar.roles.in_process import train
 
-    try:
         train(cfg)
-    except SourceError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except UserError as e:
+        text = str(e)
+        print(text if text.startswith("config error:") else f"config error: {text}", file=sys.stderr)
         return 2
     return 0
 

@@ -126,9 +126,11 @@ def test_every_field_error_is_reported_at_once(tmp_path):
     assert {line.split(":")[1].strip() for line in lines} == {"run.steps", "objective.alpha", "model.dtype"}
 
 
-def test_bad_config_error_is_a_value_error():
-    # Callers that only know ValueError still catch it.
-    with pytest.raises(ValueError):
+def test_bad_config_error_is_a_user_error():
+    # Entry points catch UserError alone to turn it into one line and exit status 2.
+    from distar.errors import UserError
+
+    with pytest.raises(UserError):
         load_config(overrides=["objective.alpha=-1"])
 
 

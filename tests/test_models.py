@@ -1,15 +1,17 @@
 """Loading diffusers folders, the one-step generator, its export, and the reward wrappers."""
 
 import copy
+import json
 
 import pytest
 import torch
 
+from distar.errors import UserError
 from distar.models import sources
-from distar.models.diffusion import OneStepGenerator, export_generator, load_parts
+from distar.models.diffusion import OneStepGenerator, cat_cond, expand_cond, export_generator, load_parts
 from distar.models.tiny import build_sd15_pipeline
 from distar.rewards import load_reward
-from distar.rewards.clip import resize_center_crop
+from distar.rewards.preprocess import resize_center_crop
 
 
 def test_exported_generator_samples_in_one_step_with_the_stock_pipeline(tiny_pipeline, tmp_path):
@@ -33,26 +35,42 @@ def test_exported_generator_samples_in_one_step_with_the_stock_pipeline(tiny_pip
 def test_v_prediction_reference_loads_with_its_schedule(tmp_path):
     parts = load_parts(build_sd15_pipeline(tmp_path / "v", prediction_type="v_prediction"), 1000)
     assert parts.schedule.prediction_type == "v_prediction"
-    with pytest.raises(ValueError, match="model.num_train_timesteps"):
+    with pytest.raises(UserError, match="model.num_train_timesteps"):
         load_parts(tmp_path / "v", 500)
 
 
 def test_latent_shape_and_resolution(tiny_pipeline):
     parts = load_parts(tiny_pipeline, 1000)
     assert parts.latent_shape(32) == (4, 8, 8)
-    with pytest.raises(ValueError, match="model.resolution"):
+    with pytest.raises(UserError, match="model.resolution"):
         parts.latent_shape(30)
 
 
 def test_sources(tmp_path, tiny_pipeline):
-    assert sources.resolve(str(tiny_pipeline), "pipeline", tmp_path, "model.reference") == tiny_pipeline
+    assert sources.resolve(str(tiny_pipeline), "sd15", tmp_path, "model.reference") == tiny_pipeline
     built = sources.resolve("tiny-random", "clip", tmp_path, "rewards.0.source")
     assert (built / "config.json").is_file() and sources.resolve("tiny-random", "clip", tmp_path, "x") == built
     for bad in ("/no/such/folder", "./relative/missing", "not-a-hub-id"):
         with pytest.raises(sources.SourceError, match="model.reference"):
-            sources.resolve(bad, "pipeline", tmp_path, "model.reference")
+            sources.resolve(bad, "sd15", tmp_path, "model.reference")
     with pytest.raises(sources.SourceError, match="could not fetch"):  # HF_HUB_OFFLINE=1 in tests
-        sources.resolve("someone/some-model", "pipeline", tmp_path, "model.reference")
+        sources.resolve("someone/some-model", "sd15", tmp_path, "model.reference")
+
+
+@pytest.mark.parametrize("kind, pipeline", [("toy", "StableDiffusionPipeline"), ("sd15", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")])
+def test_tiny_random_builds_the_family_asked_for(tmp_path, kind, pipeline):
+    folder = sources.resolve("tiny-random", kind, tmp_path, "model.reference")
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == pipeline
+
+
+def test_nested_conditioning_concatenates_and_expands_leaf_by_leaf():
+    one = {"encoder_hidden_states": torch.randn(1, 4, 6), "added_cond_kwargs": {"text_embeds": torch.randn(1, 3), "time_ids": torch.randn(1, 6)}}
+    many = expand_cond(one, 3)
+    assert many["encoder_hidden_states"].shape == (3, 4, 6) and many["added_cond_kwargs"]["time_ids"].shape == (3, 6)
+    assert torch.equal(many["added_cond_kwargs"]["text_embeds"][2], one["added_cond_kwargs"]["text_embeds"][0])
+    both = cat_cond(one, many)
+    assert both["added_cond_kwargs"]["text_embeds"].shape == (4, 3) and both["encoder_hidden_states"].shape == (4, 4, 6)
+    assert torch.equal(both["added_cond_kwargs"]["time_ids"][1:], many["added_cond_kwargs"]["time_ids"])
 
 
 @pytest.mark.parametrize("name", ["pickscore", "clip_score"])
@@ -69,7 +87,7 @@ def test_rewards_are_differentiable_in_the_images(tiny_clip, name):
 
 
 def test_unknown_reward_is_refused(tiny_clip):
-    with pytest.raises(KeyError, match="unknown reward"):
+    with pytest.raises(UserError, match="unknown reward"):
         load_reward("nope", tiny_clip)
 
 

@@ -15,7 +15,6 @@ from distar.objectives import (
 )
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """Monte Carlo gradients need double precision; restore the default for other modules."""

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from distar.errors import UserError
+
 # Non-finite numbers are refused everywhere: a NaN weight would silently poison every step.
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -34,8 +36,14 @@ class RunSection(Section):
 
 
 class ModelSection(Section):
-    family: Literal["toy", "sd15"] = Field("sd15", description="Model family: conditioning and UNet call convention (SD1.5 structure for both; sdxl lands with its conditioning).")
-    reference: Source = Field("tiny-random", description="Reference diffusion model: a diffusers folder, s3:// URI, hub id, or `tiny-random` (untrained smoke-test models).")
+    family: Literal["toy", "sd15", "sdxl"] = Field(
+        "sd15",
+        description="How prompts condition the UNet. toy, sd15: one CLIP text encoder (SD1.5 structure); "
+        "sdxl: two text encoders, pooled text embeddings and size/crop time ids.",
+    )
+    reference: Source = Field(
+        "tiny-random", description="Reference diffusion model: a diffusers folder, s3:// URI, hub id, or `tiny-random` (untrained smoke-test models)."
+    )
     generator_init: str | None = Field(None, description="Initial generator weights (diffusers UNet folder); default: the reference UNet.")
     t_star: int = Field(399, ge=1, description="Timestep at which the one-step generator reads its noise input z as x_t*.")
     num_train_timesteps: int = Field(1000, ge=2, description="Length of the reference's discrete schedule; checked against its scheduler config at load.")
@@ -52,7 +60,9 @@ class ObjectiveSection(Section):
     t_min: int = Field(20, ge=0, description="Smallest diffusion timestep sampled for the divergence.")
     t_max: int = Field(979, ge=1, description="Largest diffusion timestep sampled for the divergence.")
     cfg_scale: NonNegative = Field(4.5, description="Classifier-free guidance scale w of the reference.")
-    cfg_placement: Literal["inside", "outside", "none"] = Field("inside", description="inside: guided reference in the divergence; outside: guidance as an implicit reward; none: unguided.")
+    cfg_placement: Literal["inside", "outside", "none"] = Field(
+        "inside", description="inside: guided reference in the divergence; outside: guidance as an implicit reward; none: unguided."
+    )
 
 
 class RewardSpec(Section):
@@ -133,7 +143,7 @@ class RunConfig(Section):
         return self
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user-facing configuration error; str() is the message to print."""
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
+from distar.errors import UserError
 from distar.models import tiny
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """An unusable prompt source; str() is the message to print."""
 
 
@@ -64,9 +65,10 @@ class PromptSampler:
     def batch(self, step: int) -> list[str]:
         n = len(self.prompts)
         positions = (divmod(i, n) for i in range(step * self.batch_size, (step + 1) * self.batch_size))
-        return [self.prompts[self._order(epoch)[pos]] for epoch, pos in positions]
+        return [self.prompts[_epoch_order(self.seed, n, epoch)[pos]] for epoch, pos in positions]
 
-    @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
-    def _order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.prompts), generator=g).tolist()
+
+@functools.lru_cache(maxsize=4)  # a batch spans at most two epochs
+def _epoch_order(seed: int, n: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()

@@ -1,32 +1,58 @@
 """Stable-Diffusion-family parts as DI* uses them: conditioning, denoisers, the one-step generator.
 
-A diffusers pipeline folder (`model_index.json` with unet, vae, text_encoder, tokenizer,
+A diffusers pipeline folder (`model_index.json` with unet, vae, text encoder(s), tokenizer(s),
 scheduler) loads into `DiffusionParts`; the generator exports back into such a folder whose
-scheduler takes exactly one step at t*, so the stock pipeline class samples it.
+scheduler takes exactly one step at t*, so the stock pipeline class samples it. Families differ
+only in their conditioner: SD1.5 (and the toy) use one CLIP text encoder, SDXL two plus pooled
+text embeddings and size/crop time ids.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from distar.errors import UserError
 from distar.objectives import Schedule, one_step_x0
 
-Cond = dict[str, Tensor]  # keyword arguments of the UNet call that carry the conditioning
+Family = Literal["toy", "sd15", "sdxl"]
+# Keyword arguments of the UNet call that carry the conditioning, batch first in every tensor;
+# nested for SDXL: {"encoder_hidden_states": ..., "added_cond_kwargs": {"text_embeds": ..., "time_ids": ...}}.
+Cond = dict[str, "Tensor | Cond"]
+
+
+def _map_cond(fn: Callable[..., Tensor], *conds: Cond) -> Cond:
+    """Apply fn leaf by leaf to conds of the same structure."""
+    return {
+        k: _map_cond(fn, *(c[k] for c in conds)) if isinstance(v, dict) else fn(*(c[k] for c in conds))
+        for k, v in conds[0].items()
+    }
 
 
 def cat_cond(*conds: Cond) -> Cond:
-    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    return _map_cond(lambda *leaves: torch.cat(leaves), *conds)
+
+
+def expand_cond(cond: Cond, n: int) -> Cond:
+    """A batch-1 Cond as a batch of n, without copying."""
+    return _map_cond(lambda leaf: leaf.expand(n, *leaf.shape[1:]), cond)
+
+
+def _token_ids(tokenizer: Any, prompts: list[str], device: torch.device) -> Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt",
+    ).input_ids.to(device)
 
 
 class TextConditioner(nn.Module):
-    """Prompts -> UNet conditioning (SD1.5 family: the CLIP text encoder's last hidden state)."""
+    """Prompts -> UNet conditioning (SD1.5 family: the CLIP text encoder's last hidden state). Frozen."""
 
     def __init__(self, tokenizer: Any, text_encoder: nn.Module):
         super().__init__()
@@ -34,11 +60,37 @@ class TextConditioner(nn.Module):
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Cond:
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
+        ids = _token_ids(self.tokenizer, prompts, self.text_encoder.device)
         return {"encoder_hidden_states": self.text_encoder(ids).last_hidden_state}
+
+
+class SDXLConditioner(TextConditioner):
+    """SDXL conditioning as StableDiffusionXLPipeline builds it: both encoders' penultimate hidden
+    states side by side, text_encoder_2's projected pooled output as text_embeds, and time ids
+    (original size, crop top-left, target size) for an uncropped image at `resolution`.
+
+    With `zeros_for_empty` (the pipeline's force_zeros_for_empty_prompt) the empty prompt, DI*'s
+    unconditional input, embeds as zeros: SDXL learned dropped captions that way, and the stock
+    pipeline's unconditional branch uses zeros too."""
+
+    def __init__(self, tokenizer: Any, text_encoder: nn.Module, tokenizer_2: Any, text_encoder_2: nn.Module,
+                 resolution: int, zeros_for_empty: bool):
+        super().__init__(tokenizer, text_encoder)
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2.requires_grad_(False).eval()
+        self.time_ids = (resolution, resolution, 0, 0, resolution, resolution)
+        self.zeros_for_empty = zeros_for_empty
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> Cond:
+        out = self.text_encoder(_token_ids(self.tokenizer, prompts, self.text_encoder.device), output_hidden_states=True)
+        out_2 = self.text_encoder_2(_token_ids(self.tokenizer_2, prompts, self.text_encoder_2.device), output_hidden_states=True)
+        hidden = torch.cat([out.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+        pooled = out_2.text_embeds
+        if self.zeros_for_empty:
+            empty = torch.tensor([p == "" for p in prompts], device=hidden.device)
+            hidden, pooled = hidden.masked_fill(empty.view(-1, 1, 1), 0), pooled.masked_fill(empty.view(-1, 1), 0)
+        time_ids = torch.tensor([self.time_ids], dtype=hidden.dtype, device=hidden.device).expand(len(prompts), -1)
+        return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
 class Denoiser(nn.Module):
@@ -87,35 +139,60 @@ class DiffusionParts:
         return ((self.vae.decode(latents / self.latent_scale).sample + 1) / 2).clamp(0, 1)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = _vae_factor(self.vae)
         if resolution % factor:
-            raise ValueError(f"model.resolution: {resolution} is not a multiple of the VAE's factor {factor}")
+            raise UserError(f"model.resolution: {resolution} is not a multiple of the VAE's factor {factor}")
         return (self.unet.config.in_channels, resolution // factor, resolution // factor)
 
 
-def load_parts(folder: str | Path, num_train_timesteps: int, dtype: torch.dtype = torch.float32) -> DiffusionParts:
-    """Load a diffusers SD-family folder component by component (only what DI* uses)."""
+def _vae_factor(vae: nn.Module) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def load_parts(
+    folder: str | Path,
+    num_train_timesteps: int,
+    dtype: torch.dtype = torch.float32,
+    family: Family = "sd15",
+    resolution: int | None = None,
+) -> DiffusionParts:
+    """Load a diffusers SD-family folder component by component (only what DI* uses).
+
+    `resolution` (pixels) is what SDXL's time ids announce; by default the UNet's native size,
+    as the stock pipeline assumes. `family` picks the conditioner and must fit the folder."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+        raise UserError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    index = json.loads((folder / "model_index.json").read_text())
+    if ("text_encoder_2" in index) != (family == "sdxl"):  # else the UNet fails later on a cryptic shape mismatch
+        raise UserError(f"model.family: {family!r} does not fit {folder}, a {index.get('_class_name', 'pipeline')} folder")
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     schedule = Schedule.from_scheduler_config(scheduler_config)
     if schedule.num_train_timesteps != num_train_timesteps:
-        raise ValueError(f"model.num_train_timesteps: config says {num_train_timesteps}, the reference's scheduler has {schedule.num_train_timesteps}")
+        raise UserError(f"model.num_train_timesteps: config says {num_train_timesteps}, the reference's scheduler has {schedule.num_train_timesteps}")
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype).requires_grad_(False).eval()
-    conditioner = TextConditioner(
-        AutoTokenizer.from_pretrained(folder / "tokenizer"),
-        CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype),
-    )
+    if resolution is None:
+        resolution = unet.config.sample_size * _vae_factor(vae)
+    conditioner = _load_conditioner(folder, index, family, dtype, resolution)
     return DiffusionParts(folder, unet, vae, conditioner, schedule)
 
 
+def _load_conditioner(folder: Path, index: dict, family: Family, dtype: torch.dtype, resolution: int) -> TextConditioner:
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    first = (AutoTokenizer.from_pretrained(folder / "tokenizer"), CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype))
+    if family != "sdxl":
+        return TextConditioner(*first)
+    second = (AutoTokenizer.from_pretrained(folder / "tokenizer_2"), CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", torch_dtype=dtype))
+    # The pipeline's own default when model_index.json does not say.
+    return SDXLConditioner(*first, *second, resolution, zeros_for_empty=index.get("force_zeros_for_empty_prompt", True))
+
+
 def export_generator(generator: OneStepGenerator, reference_folder: Path, out: str | Path) -> Path:
-    """Write the generator as a full pipeline folder: the reference's VAE and text encoder, the
+    """Write the generator as a full pipeline folder: the reference's VAE and text encoders, the
     generator's UNet, and an LCM scheduler (as DMD2 ships) that with `timesteps=[t*]` takes one
     step from t* to x0. `distar.json` records t* for tools that sample it."""
     from diffusers import LCMScheduler

@@ -43,13 +43,13 @@ class InProcessRun:
 def build(cfg: RunConfig) -> InProcessRun:
     dtype = DTYPES[cfg.model.dtype]
     torch.manual_seed(cfg.run.seed)
-    ref_folder = sources.resolve(cfg.model.reference, "pipeline", cache_dir(), "model.reference")
-    parts = load_parts(ref_folder, cfg.model.num_train_timesteps, dtype)
+    ref_folder = sources.resolve(cfg.model.reference, cfg.model.family, cache_dir(), "model.reference")
+    parts = load_parts(ref_folder, cfg.model.num_train_timesteps, dtype, cfg.model.family, cfg.model.resolution)
     gen_unet = copy.deepcopy(parts.unet)
     if cfg.model.generator_init is not None:
         from diffusers import UNet2DConditionModel
 
-        init = sources.resolve(cfg.model.generator_init, "pipeline", cache_dir(), "model.generator_init")
+        init = sources.resolve(cfg.model.generator_init, cfg.model.family, cache_dir(), "model.generator_init")
         gen_unet = UNet2DConditionModel.from_pretrained(init, subfolder="unet" if (init / "unet").is_dir() else None, torch_dtype=dtype)
     generator = OneStepGenerator(gen_unet, parts.schedule, cfg.model.t_star)
     fake = Denoiser(copy.deepcopy(parts.unet), parts.schedule)

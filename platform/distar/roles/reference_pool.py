@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distar.models.diffusion import Denoiser, TextConditioner, cat_cond
+from distar.models.diffusion import Denoiser, TextConditioner, cat_cond, expand_cond
 from distar.objectives import DivergenceSpec, reference_side
 
 
@@ -28,7 +28,7 @@ class ReferenceResult:
 
 
 class ReferencePool:
-    """Holds the reference UNet and text encoder; stateless with respect to hyperparameters."""
+    """Holds the reference UNet and text encoder(s); stateless with respect to hyperparameters."""
 
     def __init__(self, denoiser: Denoiser, conditioner: TextConditioner):
         self.denoiser = denoiser.requires_grad_(False).eval()
@@ -38,7 +38,7 @@ class ReferencePool:
     def __call__(self, req: ReferenceRequest) -> ReferenceResult:
         n, spec = len(req.prompts), req.spec
         cond = self.conditioner(req.prompts)
-        uncond = {k: v.expand(n, *v.shape[1:]) for k, v in self._empty.items()}
+        uncond = expand_cond(self._empty, n)
 
         def denoise(x: Tensor) -> tuple[Tensor, Tensor | None]:
             if not spec.needs_uncond:
