@@ -48,8 +48,8 @@ def test_latent_shape_and_resolution(tiny_pipeline):
 
 def test_sources(tmp_path, tiny_pipeline):
     assert sources.resolve(str(tiny_pipeline), "sd15", tmp_path, "model.reference") == tiny_pipeline
-    built = sources.resolve("tiny-random", "clip", tmp_path, "rewards.0.source")
-    assert (built / "config.json").is_file() and sources.resolve("tiny-random", "clip", tmp_path, "x") == built
+    built = sources.resolve("tiny-random", "pickscore", tmp_path, "rewards.0.source")
+    assert (built / "config.json").is_file() and sources.resolve("tiny-random", "pickscore", tmp_path, "x") == built
     for bad in ("/no/such/folder", "./relative/missing", "not-a-hub-id"):
         with pytest.raises(sources.SourceError, match="model.reference"):
             sources.resolve(bad, "sd15", tmp_path, "model.reference")

@@ -8,29 +8,20 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from distar.errors import UserError
 from distar.models import tiny
 from distar.rewards import MissingPackageError, load_reward
-from distar.rewards.aesthetic import HEAD_FILE, AestheticHead
+from distar.rewards.aesthetic import HEAD_FILE
 from distar.rewards.preprocess import CLIP_MEAN, CLIP_STD
 
 PROMPTS = ["a small red circle on the left", "a large blue square on the right", ""]
 
 
-def build_tiny_aesthetic(path, seed: int = 0):
-    """A tiny random CLIP folder with a random aesthetic head on its projection width."""
-    folder = tiny.build_clip(path, seed)
-    torch.manual_seed(seed)
-    embed_dim = json.loads((folder / "config.json").read_text())["projection_dim"]
-    save_file(AestheticHead(embed_dim).state_dict(), folder / HEAD_FILE)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_aesthetic(tmp_path_factory):
-    return build_tiny_aesthetic(tmp_path_factory.mktemp("models") / "aesthetic")
+    return tiny.build_aesthetic(tmp_path_factory.mktemp("models") / "aesthetic")
 
 
 def images(n: int, size: int = tiny.RESOLUTION, seed: int = 0):

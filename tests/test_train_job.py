@@ -27,6 +27,9 @@ def test_smoke_run_trains_and_exports_a_one_step_pipeline(tmp_path):
     assert [s.split()[1] for s in steps] == ["1/3", "2/3", "3/3"]
     assert all("step/s" in s and "ETA" in s and "reward/pickscore=" in s for s in steps)
     assert (out / "config.yaml").is_file()
+    from PIL import Image
+
+    assert Image.open(out / "before_after.png").size == (2 * 4 * 32 * 3, 2 * 4 * 32)  # 6 prompts x 2 rows, 4x enlarged
 
     from diffusers import StableDiffusionPipeline
 

@@ -1,4 +1,5 @@
-"""Prompt sources: a text file (one prompt a line), a CSV or JSON with a `prompt` column, or `tiny-random`.
+"""Prompt sources: a text file (one prompt a line), a CSV or JSON with a `prompt` column, `toy` (every
+prompt of the shapes world) or `tiny-random`.
 
 Prompts are read once at start (a bad source fails before any model loads) and served in a
 seeded, epoch-wise shuffled order addressed by position, so a resumed run sees the same batches.
@@ -24,6 +25,10 @@ class PromptError(UserError):
 def load_prompts(source: str, field: str = "data.prompts") -> list[str]:
     if source == "tiny-random":
         return list(tiny.PROMPTS)
+    if source == "toy":
+        from distar.toy import world
+
+        return world.all_prompts()
     path = Path(source).expanduser()
     if not path.is_file():
         raise PromptError(f"{field}: {source!r} is not a readable file")

@@ -1,38 +1,51 @@
 """Turn a model source from the config into a local folder.
 
-A source is a local folder, a hub id (`org/name`, downloaded once into the hub cache), or
-`tiny-random` (tiny untrained models of the requested kind, built here for tests and smoke runs).
+A source is a local folder, a hub id (`org/name`, downloaded once into the hub cache), `toy`
+(the shapes world's shipped models) or `tiny-random` (tiny untrained models of the requested
+kind, built here for tests and smoke runs). The kind is a pipeline's model family or a reward name.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from distar.errors import UserError
 from distar.models import tiny
 
-Kind = Literal["toy", "sd15", "sdxl", "clip"]  # a pipeline's model family, or a CLIP reward model
-TINY = "tiny-random"
+TINY, TOY = "tiny-random", "toy"
 TINY_BUILDERS = {
     "toy": tiny.build_sd15_pipeline,  # the toy family has SD1.5's structure
     "sd15": tiny.build_sd15_pipeline,
     "sdxl": tiny.build_sdxl_pipeline,
-    "clip": tiny.build_clip,
+    "pickscore": tiny.build_clip,
+    "clip_score": tiny.build_clip,
+    "aesthetic": tiny.build_aesthetic,
 }
+TOY_ASSETS = {"toy": "reference", "sd15": "reference", "pickscore": "pickscore", "clip_score": "clip_score"}
 
 
 class SourceError(UserError):
     """A model source that cannot be resolved; str() is the message to print."""
 
 
-def resolve(source: str, kind: Kind, cache_dir: str | Path, field: str) -> Path:
-    """Local folder for `source`; `field` names the config entry in error messages. `kind` only
-    matters for `tiny-random`, which builds a tiny model of that kind."""
+def resolve(source: str, kind: str, cache_dir: str | Path, field: str) -> Path:
+    """Local folder for `source`; `field` names the config entry in error messages. `kind` (a
+    model family or a reward name) matters only for the built-in sources."""
     if source == TINY:
+        if kind not in TINY_BUILDERS:
+            raise SourceError(f"{field}: there is no tiny-random {kind} model (available: {', '.join(TINY_BUILDERS)})")
         folder = Path(cache_dir) / f"{TINY}-{kind}"
         if not folder.is_dir():
             TINY_BUILDERS[kind](folder)
+        return folder
+    if source == TOY:
+        from distar.toy import assets
+
+        if kind not in TOY_ASSETS:
+            raise SourceError(f"{field}: the toy world has no {kind} model (it has: {', '.join(TOY_ASSETS)})")
+        folder = assets.path(TOY_ASSETS[kind])
+        if not folder.is_dir():
+            raise SourceError(f"{field}: the toy assets are missing at {folder}; build them with python jobs/build_toy_assets.py")
         return folder
     if source.startswith("s3://"):
         raise SourceError(f"{field}: s3:// sources need distar.storage, which is not part of this build")

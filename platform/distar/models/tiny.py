@@ -7,6 +7,7 @@ mean nothing: they only exercise the machinery.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -129,3 +130,15 @@ def build_clip(path: str | Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(path)
     CLIPImageProcessorPil(size={"shortest_edge": RESOLUTION}, crop_size={"height": RESOLUTION, "width": RESOLUTION}).save_pretrained(path)
     return Path(path)
+
+
+def build_aesthetic(path: str | Path, seed: int = 0) -> Path:
+    """A tiny CLIP folder plus a random LAION-style aesthetic head on its projection width."""
+    from safetensors.torch import save_file
+
+    from distar.rewards.aesthetic import HEAD_FILE, AestheticHead
+
+    folder = build_clip(path, seed)
+    torch.manual_seed(seed)
+    save_file(AestheticHead(json.loads((folder / "config.json").read_text())["projection_dim"]).state_dict(), folder / HEAD_FILE)
+    return folder

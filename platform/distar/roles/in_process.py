@@ -17,6 +17,7 @@ import torch
 
 from distar.config import RunConfig, to_yaml
 from distar.data import PromptSampler, load_prompts
+from distar.images import grid, save_png
 from distar.models import sources
 from distar.models.diffusion import Denoiser, DiffusionParts, OneStepGenerator, export_generator, load_parts
 from distar.rewards import load_reward
@@ -55,7 +56,7 @@ def build(cfg: RunConfig) -> InProcessRun:
     fake = Denoiser(copy.deepcopy(parts.unet), parts.schedule)
     reference = ReferencePool(Denoiser(parts.unet, parts.schedule), parts.conditioner)
     reward_models = {
-        r.name: load_reward(r.name, sources.resolve(r.source, "clip", cache_dir(), f"rewards.{i}.source"))
+        r.name: load_reward(r.name, sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source"))
         for i, r in enumerate(cfg.rewards)
     }
     worker = RewardWorker(parts.decode, reward_models)
@@ -72,12 +73,27 @@ def _eta(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
+GRID_SIZE = 8  # prompts (columns) in the before/after grid
+
+
+@torch.no_grad()
+def sample_images(run: InProcessRun, prompts: list[str], seed: int) -> torch.Tensor:
+    """The generator's images for fixed prompts and noise, decoded to [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(prompts), *run.trainer.latent_shape, generator=g)
+    return run.parts.decode(run.trainer.generator(z, run.parts.conditioner(prompts)))
+
+
 def train(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
-    """Run cfg.run.steps updates in this process; export the generator; return its folder."""
+    """Run cfg.run.steps updates in this process; export the generator and a before/after grid
+    (top row: the generator at initialisation, bottom row: trained, same prompts and noise)."""
     run = build(cfg)  # every source resolves before anything is written
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
+    prompts = run.sampler.prompts
+    grid_prompts = [prompts[i * len(prompts) // GRID_SIZE] for i in range(min(GRID_SIZE, len(prompts)))]
+    before = sample_images(run, grid_prompts, cfg.run.seed)
     rng = torch.Generator().manual_seed(cfg.run.seed)
     start, steps = time.perf_counter(), cfg.run.steps
     for step in range(steps):
@@ -87,6 +103,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
             rate = done / (time.perf_counter() - start)
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
             log(f"step {done}/{steps} | {shown} | {rate:.2f} step/s | ETA {_eta((steps - done) / rate)}")
+    after = sample_images(run, grid_prompts, cfg.run.seed)
+    save_png(grid(torch.cat([before, after]), columns=len(grid_prompts)), out / "before_after.png", scale=4)
     folder = export_generator(run.trainer.generator, run.parts.folder, out / "generator")
     log(f"generator written to {folder} (diffusers folder; sample with timesteps=[{cfg.model.t_star}])")
     return folder
