@@ -25,12 +25,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from distar.images import grid, save_png  # noqa: E402
-from distar.toy import assets, autoencoder, diffusion, world  # noqa: E402
+from distar.toy import assets, autoencoder, diffusion, judge, world  # noqa: E402
 from distar.toy import clip as toy_clip  # noqa: E402
 from distar.toy import reader as toy_reader  # noqa: E402
 
 FULL = dict(images=100_000, pairs=40_000, held_out=2_000, reader_steps=2_000, vae_steps=1_800, clip_steps=1_200,
-            pickscore_steps=600, unet_steps=2_700, eval_prompts=200, eval_steps=50)
+            pickscore_steps=600, unet_steps=2_400, eval_prompts=200, eval_steps=50)
 QUICK = dict(images=512, pairs=256, held_out=64, reader_steps=4, vae_steps=4, clip_steps=4,
              pickscore_steps=4, unet_steps=4, eval_prompts=8, eval_steps=2)
 EVAL_CFG = (2.0, 3.0, 4.5)  # guidance scales the reference is judged at; the best is reported
@@ -144,17 +144,12 @@ def save_pipeline(out: Path, vae, encoder, tok, unet) -> None:
 
 def judge_reference(out: Path, cfg: dict) -> dict:
     """The reference's N-step CFG samples on held-out prompts, read back by the reader."""
-    from distar.models.sampling import generate, load_pipeline
-
     folder, reader = assets.path("reference", out), toy_reader.Reader.load(assets.path("reader", out))
-    rng = np.random.default_rng(SEED + 30_000)
-    prompts = [world.all_prompts()[i] for i in rng.integers(0, 180, cfg["eval_prompts"])]
-    pipe, result, best = load_pipeline(folder), {}, None
+    prompts, result, best = judge.held_out_prompts(cfg["eval_prompts"]), {}, None
     for scale in EVAL_CFG:
-        images = generate(pipe, folder, prompts, cfg["eval_steps"], scale, seed=SEED + 40_000, resolution=world.SIZE)
-        reading = reader.read(images)
-        result[f"cfg_{scale}"] = {**reading.accuracy(prompts), "pref": float(reading.pref.mean())}
-        if best is None or result[f"cfg_{scale}"]["all"] > result[f"cfg_{best}"]["all"]:
+        verdict, images = judge.judge(folder, prompts, reader, cfg["eval_steps"], scale)
+        result[f"cfg_{scale}"] = verdict.row()
+        if best is None or verdict.accuracy["all"] > result[f"cfg_{best}"]["all"]:
             best, best_images = scale, images
     save_png(grid(best_images[:100], columns=10), out / "samples.png", scale=4)
     return {"steps": cfg["eval_steps"], "prompts": cfg["eval_prompts"], "best_cfg": best, **result}

@@ -18,13 +18,15 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
 
 
 def build(latent_size: int, cross_attention_dim: int):
+    """Attention at 8x8 and 4x4; 16x16 latents get one more, narrow, attention-free level in front."""
     from diffusers import UNet2DConditionModel
 
+    levels = {8: (64, 128), 16: (32, 64, 128)}[latent_size]
+    down = ("DownBlock2D",) * (len(levels) - 2) + ("CrossAttnDownBlock2D",) * 2
     return UNet2DConditionModel(
-        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
-        attention_head_dim=16, norm_num_groups=32,
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=levels,
+        down_block_types=down, up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=16, norm_num_groups=32,
     )
 
 
