@@ -226,12 +226,14 @@ def trainer_side(
     return loss
 
 
+def weighted_reward_grad(grads: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    """sum_k lambda_k dr_k/dx0, the ascent direction of the weighted reward."""
+    return sum(weights[name] * g for name, g in grads.items())
+
+
 def reward_surrogate(x0: Tensor, grads: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
     """Per sample -(sum_k lambda_k g_k) . x0, whose gradient is -sum_k lambda_k dr_k/dx0."""
-    total = torch.zeros_like(x0)
-    for name, g in grads.items():
-        total = total + weights[name] * g.to(x0.dtype)
-    return -_per_sample_dot(total.detach(), x0)
+    return -_per_sample_dot(weighted_reward_grad(grads, weights).to(x0.dtype).detach(), x0)
 
 
 # --------------------------------------------------------------------------- generator and fake score

@@ -24,6 +24,7 @@ from distar.objectives import (
     score_difference,
     timestep_weight,
     trainer_side,
+    weighted_reward_grad,
 )
 from distar.roles.reference_pool import ReferenceRequest, ReferenceResult
 from distar.roles.reward_worker import RewardResult
@@ -116,6 +117,8 @@ class TrainerStep:
         rewards = self.score_rewards(x0.detach(), prompts)
         loss = reward_surrogate(x0, rewards.grads, self.weights)
         metrics = {f"reward/{k}": v.mean().item() for k, v in rewards.rewards.items()}
+        # Per-sample size of the reward's pull on x0: what reward weights are balanced against.
+        metrics["grad_norm/reward"] = weighted_reward_grad(rewards.grads, self.weights).flatten(1).norm(dim=1).mean().item()
         if self.objective.alpha > 0:
             x_t = self.schedule.add_noise(x0, d.eps, d.t)
             a, b = self.schedule.ab(d.t, x0)
