@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         load_prompts(cfg.data.prompts)  # an unreadable prompt source fails here, before models load
-        if cfg.model.reference == "tiny-random":
+        if cfg.model.reference == "tiny-random":  # say so: these numbers mean nothing
             print("note: model.reference is `tiny-random`: untrained tiny models run the in-process trainer; "
                   "the numbers show the machinery works, not image quality.")
         from distar.roles.in_process import train

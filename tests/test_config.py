@@ -29,7 +29,7 @@ def test_default_config_validates():
     cfg = RunConfig()
     assert cfg.model.t_star < cfg.model.num_train_timesteps
     assert cfg.objective.t_min < cfg.objective.t_max < cfg.model.num_train_timesteps
-    assert [r.name for r in cfg.rewards] == ["pickscore"]
+    assert [(r.name, r.source) for r in cfg.rewards] == [("pickscore", "toy"), ("clip_score", "toy")]  # the shapes world
     # load_config with no file and no overrides is exactly the embedded default.
     assert load_config().model_dump() == cfg.model_dump()
 
@@ -72,7 +72,7 @@ BAD = [
     ("t-min-above-t-max", "objective:\n  t_min: 900\n  t_max: 100\n", [], "objective.t_min"),
     # rewards
     ("reward-only-no-rewards", "objective:\n  alpha: 0\nrewards: []\n", [], "rewards"),
-    ("reward-only-zero-weights", None, ["objective.alpha=0", "rewards.0.weight=0"], "rewards"),
+    ("reward-only-zero-weights", None, ["objective.alpha=0", "rewards.0.weight=0", "rewards.1.weight=0"], "rewards"),
     ("reward-weight-nan", "rewards:\n- {name: pickscore, source: x, weight: .nan}\n", [], "rewards.0.weight"),
     ("reward-weight-inf", "rewards:\n- {name: pickscore, source: x, weight: .inf}\n", [], "rewards.0.weight"),
     ("reward-weight-nan-set", None, ["rewards.0.weight=.nan"], "rewards.0.weight"),
@@ -187,7 +187,7 @@ def test_yaml_file_merges_into_default_sections(tmp_path):
 
 def test_set_reaches_into_the_default_rewards_list():
     cfg = load_config(overrides=["rewards.0.weight=2"])
-    assert len(cfg.rewards) == 1
+    assert len(cfg.rewards) == 2 and cfg.rewards[1].weight == RunConfig().rewards[1].weight
     assert cfg.rewards[0].name == "pickscore"
     assert cfg.rewards[0].weight == 2.0
 

@@ -28,21 +28,21 @@ class Section(BaseModel):
 
 
 class RunSection(Section):
-    name: str = Field("distar-default", min_length=1, description="Run name; also the MLflow run name.")
+    name: str = Field("toy", min_length=1, description="Run name; also the MLflow run name.")
     seed: int = Field(0, ge=0, description="Seed for noise, timesteps, prompt order and initialisation.")
-    steps: int = Field(20, ge=1, description="Generator updates to run.")
-    output_dir: str = Field("runs/default", min_length=1, description="Folder for checkpoints, grids and the exported generator.")
-    log_every: int = Field(1, ge=1, description="Print a step line every N generator updates.")
+    steps: int = Field(1000, ge=1, description="Generator updates to run.")
+    output_dir: str = Field("runs/toy", min_length=1, description="Folder for checkpoints, grids and the exported generator.")
+    log_every: int = Field(50, ge=1, description="Print a step line every N generator updates.")
 
 
 class ModelSection(Section):
     family: Literal["toy", "sd15", "sdxl"] = Field(
-        "sd15",
+        "toy",
         description="How prompts condition the UNet. toy, sd15: one CLIP text encoder (SD1.5 structure); "
         "sdxl: two text encoders, pooled text embeddings and size/crop time ids.",
     )
     reference: Source = Field(
-        "tiny-random", description="Reference diffusion model: a diffusers folder, s3:// URI, hub id, or `tiny-random` (untrained smoke-test models)."
+        "toy", description="Reference diffusion model: a diffusers folder, hub id, `toy` (the shapes world's) or `tiny-random` (untrained smoke-test models)."
     )
     generator_init: str | None = Field(None, description="Initial generator weights (diffusers UNet folder); default: the reference UNet.")
     t_star: int = Field(399, ge=1, description="Timestep at which the one-step generator reads its noise input z as x_t*.")
@@ -72,7 +72,7 @@ class RewardSpec(Section):
 
 
 class OptimizerSpec(Section):
-    lr: Positive = Field(1e-5, description="Adam learning rate.")
+    lr: Positive = Field(1e-4, description="Adam learning rate.")
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field((0.0, 0.999), description="Adam betas.")
     weight_decay: NonNegative = Field(0.0, description="Decoupled weight decay.")
     eps: Positive = Field(1e-8, description="Adam epsilon.")
@@ -86,8 +86,8 @@ class OptimSection(Section):
 
 
 class DataSection(Section):
-    prompts: Source = Field("tiny-random", description="Prompt source: .txt (one a line), .csv/.json with a `prompt` column, s3:// URI, or `tiny-random`.")
-    batch_size: int = Field(2, ge=1, description="Prompts per generator update per trainer worker.")
+    prompts: Source = Field("toy", description="Prompt source: .txt (one a line), .csv/.json with a `prompt` column, `toy` (the shapes world) or `tiny-random`.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generator update per trainer worker.")
 
 
 class PoolSpec(Section):
@@ -117,7 +117,7 @@ class RunConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
     objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
     rewards: list[RewardSpec] = Field(
-        default_factory=lambda: [RewardSpec(name="pickscore", source="tiny-random", weight=1.0)],
+        default_factory=lambda: [RewardSpec(name="pickscore", source="toy", weight=1.0), RewardSpec(name="clip_score", source="toy", weight=0.1)],
         description="Reward models and their weights.",
     )
     optim: OptimSection = Field(default_factory=OptimSection)
