@@ -124,7 +124,10 @@ def test_family_must_fit_the_folder(folders):
 
 def test_in_process_run_takes_an_sdxl_step():
     """`model.family: sdxl` with tiny-random sources: the runner builds the tiny SDXL pipeline and trains."""
-    cfg = RunConfig.model_validate({"model": {"family": "sdxl"}, "objective": {"cfg_scale": 3.0}})
+    cfg = RunConfig.model_validate({
+        "model": {"family": "sdxl", "reference": "tiny-random"}, "objective": {"cfg_scale": 3.0},
+        "rewards": [{"name": "pickscore", "source": "tiny-random"}], "data": {"prompts": "tiny-random", "batch_size": 2},
+    })
     run = build(cfg)
     assert run.parts.folder.name == "tiny-random-sdxl"
     metrics = run.trainer.step(run.sampler.batch(0), torch.Generator().manual_seed(0))
