@@ -163,6 +163,11 @@ def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return img
 
 
+def footprint(a: Attributes) -> np.ndarray:
+    """The shape's share of each pixel [32, 32] after the blur: 1 on the shape, 0 on the background."""
+    return _gaussian_blur(_coverage(a)[..., None], a.blur)[..., 0]
+
+
 def render(a: Attributes, rng: np.random.Generator) -> np.ndarray:
     """The uint8 [32, 32, 3] image of one set of attributes (rng draws the clutter noise)."""
     rgb = np.array(colorsys.hsv_to_rgb(a.hue / 360.0, a.saturation, a.value)) * 255.0
