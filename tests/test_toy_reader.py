@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distar.toy import world
-from distar.toy.reader import off_world_background, to_tensor
+from distar.toy.reader import footprints, off_world_background, to_tensor
 
 
 def test_footprint_is_the_blurred_shape():
@@ -22,15 +22,15 @@ def test_footprint_is_the_blurred_shape():
 def test_off_world_background_leaves_the_shape_alone():
     images, attrs = world.sample(16, seed=4)
     x = to_tensor(images)
-    footprints = torch.from_numpy(np.stack([world.footprint(a) for a in attrs])).float()[:, None]
-    out = off_world_background(x, footprints, torch.Generator().manual_seed(0))
-    whole = (footprints == 1).expand_as(x)
+    shape = footprints(attrs)
+    out = off_world_background(x, shape, torch.Generator().manual_seed(0))
+    whole = (shape == 1).expand_as(x)
     assert whole.any()
-    background = (footprints < 1e-3).expand_as(x)
+    background = (shape < 1e-3).expand_as(x)
     assert torch.equal(out[whole], x[whole])
     changed = (out - x).abs()[background]
     assert changed.mean() > 2 / 255  # tinted and cluttered...
     channel_spread = (out - x)[:, :, 0, 0].std(dim=1)
     assert (channel_spread > 1 / 255).float().mean() > 0.8  # ...differently per channel: no longer grey
-    again = off_world_background(x, footprints, torch.Generator().manual_seed(0))
+    again = off_world_background(x, shape, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)

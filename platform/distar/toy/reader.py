@@ -107,12 +107,17 @@ def targets(attrs: list[world.Attributes]) -> tuple[dict[str, Tensor], Tensor]:
     return cats, cont.float()
 
 
+def footprints(attrs: list[world.Attributes]) -> Tensor:
+    """Each image's shape footprint (world.footprint), float [N, 1, 32, 32]."""
+    return torch.from_numpy(np.stack([world.footprint(a) for a in attrs])).float()[:, None]
+
+
 def off_world_background(images: Tensor, footprints: Tensor, generator: torch.Generator, strength: float = 20 / 255) -> Tensor:
     """Tint the background and colour its clutter channel by channel, leaving the shape alone.
 
     Generators paint faintly coloured backgrounds that the world never shows; a reader trained only
     on grey ones reads a blue triangle on reddish clutter as red. Shown these, it learns to read
-    the shape. footprints [N, 1, 32, 32] in [0, 1] (world.footprint)."""
+    the shape. footprints [N, 1, 32, 32] in [0, 1] (`footprints`)."""
     n = len(images)
     tint = (torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1) * strength
     clutter = torch.randn(n, 3, *images.shape[-2:], generator=generator) * torch.rand(n, 1, 1, 1, generator=generator) * strength
@@ -125,7 +130,7 @@ def fit(images: Tensor, attrs: list[world.Attributes], steps: int, seed: int, lo
     and trains the categories only: pref is a property of the world's own grey clutter."""
     torch.manual_seed(seed)
     x, (cats, cont), n_train = images, targets(attrs), len(images)
-    footprints = torch.from_numpy(np.stack([world.footprint(a) for a in attrs])).float()[:, None]
+    shapes = footprints(attrs)
     gen = torch.Generator().manual_seed(seed)
     reader = Reader()
     opt = torch.optim.AdamW(reader.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -134,7 +139,7 @@ def fit(images: Tensor, attrs: list[world.Attributes], steps: int, seed: int, lo
     for step in range(steps):
         idx = torch.randint(0, n_train, (batch,))
         clean, off = idx[: batch // 2], idx[batch // 2 :]
-        logits, values = reader(torch.cat([x[clean], off_world_background(x[off], footprints[off], gen)]))
+        logits, values = reader(torch.cat([x[clean], off_world_background(x[off], shapes[off], gen)]))
         loss = sum(F.cross_entropy(logits[k], cats[k][idx]) for k in CATEGORIES) + 10 * F.mse_loss(values[: len(clean)], cont[clean])
         opt.zero_grad()
         loss.backward()
