@@ -134,6 +134,21 @@ def test_bad_config_error_is_a_user_error():
         load_config(overrides=["objective.alpha=-1"])
 
 
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_presets_validate(preset):
+    cfg = load_config(preset)
+    assert Path(cfg.run.output_dir).name == cfg.run.name  # each preset writes to its own runs/<name>
+
+
+def test_toy_preset_spells_out_the_default():
+    """The README offers jobs/configs/toy.yaml as the default run written out: it must not drift."""
+    toy = next(p for p in PRESETS if p.name == "toy.yaml")
+    assert load_config(toy).model_dump() == RunConfig().model_dump()
+
+
 # --------------------------------------------------------------------------- overrides
 
 
