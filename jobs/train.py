@@ -1,9 +1,12 @@
 """Train a one-step generator with Diff-Instruct*.
 
-    python jobs/train.py [--config FILE] [--set a.b=VALUE ...] [--print-config]
+    python jobs/train.py [--config FILE] [--set a.b=VALUE ...] [--print-config] [--in-process]
+    ray job submit --working-dir . -- python jobs/train.py [...]
 
-Without --config, the embedded default run is used. Configuration errors exit with status 2
-before any model loads.
+Without --config, the embedded default run is used. The run goes on Ray: the cluster at
+RAY_ADDRESS (set for you under `ray job submit`), else a local instance this job starts.
+--in-process runs every role in this process instead (no Ray, no DeepSpeed): the single-process
+baseline. Bad input exits with status 2 and one line, before any model loads.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run
 
 from distar.config import load_config, to_yaml  # noqa: E402
 from distar.data import load_prompts  # noqa: E402
-from distar.errors import UserError  # noqa: E402
+from distar.errors import RunFailed, UserError  # noqa: E402
+from distar.roles import from_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", metavar="PATH=VALUE", action="append", default=[], dest="overrides",
                    help="override one field, e.g. --set objective.alpha=0.5 (repeatable; VALUE is YAML)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--in-process", action="store_true", help="all roles in this process, without Ray: the single-process baseline")
     return p.parse_args(argv)
 
 
@@ -35,13 +40,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        load_prompts(cfg.data.prompts)  # an unreadable prompt source fails here, before models load
+        load_prompts(cfg.data.prompts)  # an unreadable prompt source or model fails here, before anything starts
+        from_config.check_sources(cfg)
         if cfg.model.reference == "tiny-random":  # say so: these numbers mean nothing
-            print("note: model.reference is `tiny-random`: untrained tiny models run the in-process trainer; "
+            print("note: model.reference is `tiny-random`: untrained tiny models; "
                   "the numbers show the machinery works, not image quality.")
-        from distar.roles.in_process import train
-
+        if args.in_process:
+            from distar.roles.in_process import train
+        else:
+            from distar.cluster.launch import train
         train(cfg)
+    except KeyboardInterrupt:
+        print("interrupted: pools shut down; the run resumes from its last checkpoint when started again", file=sys.stderr)
+        return 130
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except UserError as e:
         text = str(e)
         print(text if text.startswith("config error:") else f"config error: {text}", file=sys.stderr)

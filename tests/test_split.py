@@ -11,7 +11,7 @@ from distar.models.diffusion import Denoiser, OneStepGenerator, load_parts
 from distar.rewards import load_reward
 from distar.roles.reference_pool import ReferencePool, ReferenceResult
 from distar.roles.reward_worker import RewardWorker
-from distar.roles.trainer import TrainerStep, frozen
+from distar.roles.trainer import Ready, TrainerStep, frozen
 
 PROMPTS = ["a small red circle on the left", "a large blue square on the right", ""]
 REWARDS = [RewardSpec(name="pickscore", source="-", weight=0.7), RewardSpec(name="clip_score", source="-", weight=0.02)]
@@ -72,9 +72,10 @@ def monolithic_loss(parts, generator, fake, rewards, objective, d):
 def trainer_for(world, objective, query_reference=None):
     parts, generator, fake, rewards = world
     pool = ReferencePool(Denoiser(parts.unet, parts.schedule), parts.conditioner)
+    worker = RewardWorker(parts.decode, rewards)
     return TrainerStep(
         generator, fake, parts.conditioner, parts.latent_shape(32), objective, REWARDS, OptimSection(),
-        score_rewards=RewardWorker(parts.decode, rewards), query_reference=query_reference or pool,
+        score_rewards=lambda x0, prompts: Ready(worker(x0, prompts)), query_reference=query_reference or pool,
     )
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,20 +13,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_job(*args, cwd=ROOT, timeout=300):
-    env = {**os.environ, "PYTHONPATH": ""}  # the job must find the package by itself
+def run_job(*args, cwd=ROOT, timeout=300, env=None):
+    env = {**(env or os.environ), "PYTHONPATH": ""}  # the job must find the package by itself
     return subprocess.run([sys.executable, "jobs/train.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
-def test_smoke_run_trains_and_exports_a_one_step_pipeline(tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--in-process"]], ids=["local-ray", "in-process"])
+def test_smoke_run_trains_and_exports_a_one_step_pipeline(tmp_path, mode):
+    """With no RAY_ADDRESS the job starts a local Ray instance; --in-process runs without Ray."""
     out = tmp_path / "run"
-    proc = run_job("--config", "jobs/configs/smoke.yaml", "--set", f"run.output_dir={out}", "--set", "run.steps=3")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = run_job("--config", "jobs/configs/smoke.yaml", "--set", f"run.output_dir={out}", "--set", "run.steps=3", *mode, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny-random" in proc.stdout  # the job says it is not training real models
-    steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
-    assert [s.split()[1] for s in steps] == ["1/3", "2/3", "3/3"]
-    assert all("step/s" in s and "ETA" in s and "reward/pickscore=" in s for s in steps)
+    assert ("Ray dashboard: http://127.0.0.1:" in proc.stdout) == (not mode)
+    steps = re.findall(r"step (\d+/\d+) \|(.*)", proc.stdout)  # on Ray, prefixed with the worker's name
+    assert [done for done, _ in steps] == ["1/3", "2/3", "3/3"]
+    assert all("step/s" in rest and "ETA" in rest and "reward/pickscore=" in rest for _, rest in steps)
     assert (out / "config.yaml").is_file()
     from PIL import Image
 

@@ -33,6 +33,8 @@ class RunSection(Section):
     steps: int = Field(1000, ge=1, description="Generator updates to run.")
     output_dir: str = Field("runs/toy", min_length=1, description="Folder for checkpoints, grids and the exported generator.")
     log_every: int = Field(50, ge=1, description="Print a step line every N generator updates.")
+    checkpoint_every: int = Field(250, ge=1, description="Checkpoint both networks, optimiser states, step and RNG every N updates (and at the end).")
+    max_consecutive_skips: int = Field(10, ge=1, description="Stop the run (keeping a checkpoint) after this many updates in a row skipped for a non-finite loss or reward.")
 
 
 class ModelSection(Section):
@@ -92,9 +94,9 @@ class DataSection(Section):
 
 class PoolSpec(Section):
     replicas: int = Field(1, ge=1, description="Replicas in the pool.")
-    num_cpus: Positive = Field(1.0, description="CPUs per replica (fractions allowed).")
+    num_cpus: Positive = Field(0.5, description="CPUs per replica (fractions allowed).")
     num_gpus: NonNegative = Field(0.0, description="GPUs per replica (fractions allowed).")
-    max_batch_size: int = Field(8, ge=1, description="Largest batch a replica assembles from concurrent requests.")
+    max_batch_size: int = Field(32, ge=1, description="Most images a replica assembles from concurrent requests into one batch.")
 
 
 class ClusterSection(Section):
@@ -104,6 +106,7 @@ class ClusterSection(Section):
     reward_pool: PoolSpec = Field(default_factory=PoolSpec, description="Reward scoring workers.")
     reference_pool: PoolSpec = Field(default_factory=PoolSpec, description="Reference inference pool.")
     zero_stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage for the trainer engines.")
+    max_failures: int = Field(3, ge=0, description="Trainer worker-group restarts (from the last checkpoint) before the run fails.")
 
 
 class TrackingSection(Section):
@@ -137,6 +140,10 @@ class RunConfig(Section):
             raise ValueError(f"objective.t_min: {obj.t_min} must be below objective.t_max ({obj.t_max})")
         if obj.alpha == 0 and not any(r.weight > 0 for r in self.rewards):
             raise ValueError("rewards: objective.alpha is 0 (reward-only) but no reward has a positive weight; nothing to optimise")
+        for pool in ("reward_pool", "reference_pool"):
+            limit = getattr(self.cluster, pool).max_batch_size
+            if limit < self.data.batch_size:
+                raise ValueError(f"cluster.{pool}.max_batch_size: {limit} is below data.batch_size ({self.data.batch_size}), the images one trainer worker sends at once")
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"rewards: names must be unique (metrics are keyed by name), got {names}")

@@ -130,19 +130,26 @@ class DiffusionParts:
     conditioner: TextConditioner
     schedule: Schedule
 
-    @property
-    def latent_scale(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images in [0, 1], differentiable."""
-        return ((self.vae.decode(latents / self.latent_scale).sample + 1) / 2).clamp(0, 1)
+        return decode_latents(self.vae, latents)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         factor = _vae_factor(self.vae)
         if resolution % factor:
             raise UserError(f"model.resolution: {resolution} is not a multiple of the VAE's factor {factor}")
         return (self.unet.config.in_channels, resolution // factor, resolution // factor)
+
+
+def decode_latents(vae: nn.Module, latents: Tensor) -> Tensor:
+    """Latents -> images in [0, 1], differentiable."""
+    return ((vae.decode(latents / vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
+
+
+def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The pipeline's VAE alone: what a reward worker needs to decode latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(Path(folder), subfolder="vae", torch_dtype=dtype).requires_grad_(False).eval()
 
 
 def _vae_factor(vae: nn.Module) -> int:
@@ -160,7 +167,7 @@ def load_parts(
 
     `resolution` (pixels) is what SDXL's time ids announce; by default the UNet's native size,
     as the stock pipeline assumes. `family` picks the conditioner and must fit the folder."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
@@ -173,7 +180,7 @@ def load_parts(
     if schedule.num_train_timesteps != num_train_timesteps:
         raise UserError(f"model.num_train_timesteps: config says {num_train_timesteps}, the reference's scheduler has {schedule.num_train_timesteps}")
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype).requires_grad_(False).eval()
+    vae = load_vae(folder, dtype)
     if resolution is None:
         resolution = unet.config.sample_size * _vae_factor(vae)
     conditioner = _load_conditioner(folder, index, family, dtype, resolution)

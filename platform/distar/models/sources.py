@@ -7,6 +7,8 @@ kind, built here for tests and smoke runs). The kind is a pipeline's model famil
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from distar.errors import UserError
@@ -28,15 +30,24 @@ class SourceError(UserError):
     """A model source that cannot be resolved; str() is the message to print."""
 
 
-def resolve(source: str, kind: str, cache_dir: str | Path, field: str) -> Path:
+def resolve(source: str, kind: str, cache_dir: str | Path, field: str, fetch: bool = True) -> Path | None:
     """Local folder for `source`; `field` names the config entry in error messages. `kind` (a
-    model family or a reward name) matters only for the built-in sources."""
+    model family or a reward name) matters only for the built-in sources. With fetch=False it
+    only checks what can be checked without building or downloading (and returns None for
+    those): how a driver vets a config whose models load elsewhere."""
     if source == TINY:
         if kind not in TINY_BUILDERS:
             raise SourceError(f"{field}: there is no tiny-random {kind} model (available: {', '.join(TINY_BUILDERS)})")
         folder = Path(cache_dir) / f"{TINY}-{kind}"
-        if not folder.is_dir():
-            TINY_BUILDERS[kind](folder)
+        if not fetch:
+            return None
+        if not folder.is_dir():  # built aside and renamed: processes sharing the cache never see half a model
+            partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+            TINY_BUILDERS[kind](partial)
+            try:
+                partial.rename(folder)
+            except OSError:  # another process got there first; its model is the same (seeded)
+                shutil.rmtree(partial, ignore_errors=True)
         return folder
     if source == TOY:
         from distar.toy import assets
@@ -54,6 +65,8 @@ def resolve(source: str, kind: str, cache_dir: str | Path, field: str) -> Path:
         return path
     if path.is_absolute() or source.startswith(".") or path.exists() or source.count("/") != 1:
         raise SourceError(f"{field}: {source!r} is not a folder")
+    if not fetch:
+        return None
     try:
         from huggingface_hub import snapshot_download
 

@@ -20,6 +20,9 @@ class ReferenceRequest:
     d_fake: Tensor
     spec: DivergenceSpec  # guidance scale and loss constants travel with the request
 
+    def __len__(self) -> int:
+        return len(self.prompts)
+
 
 @dataclass
 class ReferenceResult:

@@ -8,8 +8,10 @@ D_fake live, and g_ref . x_t from the reference pool. Each remote part sees deta
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +31,14 @@ from distar.objectives import (
 from distar.roles.reference_pool import ReferenceRequest, ReferenceResult
 from distar.roles.reward_worker import RewardResult
 
+T = TypeVar("T", covariant=True)
+
+
+class Pending(Protocol[T]):
+    """What a role returns for a call still in flight (a Ready here, a retrying Serve call on Ray)."""
+
+    def result(self) -> T: ...
+
 
 def divergence_spec(objective: ObjectiveSection) -> DivergenceSpec:
     return DivergenceSpec(
@@ -37,8 +47,21 @@ def divergence_spec(objective: ObjectiveSection) -> DivergenceSpec:
     )
 
 
-def _adam(params, spec: OptimizerSpec) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+class TorchUpdate:
+    """AdamW with global grad-norm clipping on one network: the in-process optimiser. Under Ray
+    Train a DeepSpeed engine takes its place (distar.cluster.engines.EngineUpdate)."""
+
+    def __init__(self, module: nn.Module, spec: OptimizerSpec, grad_clip: float | None):
+        self.module, self.clip = module, grad_clip if grad_clip is not None else float("inf")
+        self.opt = torch.optim.AdamW(module.parameters(), lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+
+    def __call__(self, loss: Tensor) -> float:
+        """Back-propagate the loss and step; returns the gradient norm before clipping."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        self.opt.step()
+        return norm.item()
 
 
 @contextlib.contextmanager
@@ -53,6 +76,16 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+class Ready(Generic[T]):
+    """A result that is already there, with a future's `result()`: in-process calls finish at once."""
+
+    def __init__(self, value: T):
+        self.value = value
+
+    def result(self) -> T:
+        return self.value
+
+
 @dataclass
 class Draw:
     """The randomness of one generator or fake-score update."""
@@ -60,6 +93,28 @@ class Draw:
     z: Tensor
     t: Tensor
     eps: Tensor
+
+    def __getitem__(self, rows: slice) -> Draw:
+        return Draw(self.z[rows], self.t[rows], self.eps[rows])
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This trainer's rows of the global batch. Every rank draws the whole batch's randomness from
+    the same generator and keeps its slice, so any number of ranks computes the same update."""
+
+    rank: int = 0
+    world: int = 1
+
+    def rows(self, n: int) -> slice:
+        if n % self.world:
+            raise ValueError(f"global batch {n} does not split over {self.world} trainer workers")
+        per = n // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+def _finite(x: Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
 
 
 class TrainerStep:
@@ -72,36 +127,52 @@ class TrainerStep:
         objective: ObjectiveSection,
         rewards: list[RewardSpec],
         optim: OptimSection,
-        score_rewards: Callable[[Tensor, list[str]], RewardResult],
+        score_rewards: Callable[[Tensor, list[str]], Pending[RewardResult]],
         query_reference: Callable[[ReferenceRequest], ReferenceResult],
+        updates: tuple[Callable[[Tensor], float], Callable[[Tensor], float]] | None = None,
+        shard: Shard = Shard(),
+        all_ranks_agree: Callable[[bool], bool] = lambda ok: ok,
     ):
+        """score_rewards returns at once with a pending result, so scoring overlaps the fake forward.
+        updates: (generator, fake score) "backward and step" callables; default: TorchUpdate.
+        all_ranks_agree: True only if every trainer rank passes True (the skip decision must be the
+        same on all ranks: ZeRO-3 runs every backward as a collective)."""
         self.generator, self.fake, self.conditioner = generator, fake, conditioner
         self.latent_shape, self.objective, self.optim = latent_shape, objective, optim
         self.weights = {r.name: r.weight for r in rewards}
         self.spec = divergence_spec(objective)
         self.score_rewards, self.query_reference = score_rewards, query_reference
         self.schedule = generator.schedule
-        self.gen_opt = _adam(generator.parameters(), optim.generator)
-        self.fake_opt = _adam(fake.parameters(), optim.fake_score)
+        self.gen_update, self.fake_update = updates or (
+            TorchUpdate(generator, optim.generator, optim.grad_clip),
+            TorchUpdate(fake, optim.fake_score, optim.grad_clip),
+        )
+        self.shard, self.all_ranks_agree = shard, all_ranks_agree
 
     def step(self, prompts: list[str], rng: torch.Generator) -> dict[str, float]:
-        """K fake-score updates, then one generator update, all on the same prompts."""
-        n = len(prompts)
+        """K fake-score updates, then one generator update, all on the same global batch of prompts
+        (this rank trains on its shard). An update whose loss or reward is not finite on any rank
+        is skipped on all of them; metrics["skipped"] is then 1."""
+        n, rows = len(prompts), self.shard.rows(len(prompts))
+        prompts, skipped = prompts[rows], False
         for _ in range(self.optim.fake_updates_per_step):
-            fake_loss = self.fake_loss(prompts, self.draw(n, rng))
-            self._apply(self.fake_opt, self.fake, fake_loss)
-        loss, metrics = self.generator_loss(prompts, self.draw(n, rng))
-        metrics["grad_norm/generator"] = self._apply(self.gen_opt, self.generator, loss)
+            fake_loss = self.fake_loss(prompts, self.draw(n, rng)[rows])
+            if self.all_ranks_agree(_finite(fake_loss)):
+                self.fake_update(fake_loss)
+            else:
+                skipped = True
+        # The fake score stays frozen through the generator's backward too: its parameters must
+        # get no gradient (and, under ZeRO-3, no gradient reduction) from the generator loss.
+        with frozen(self.fake):
+            loss, metrics = self.generator_loss(prompts, self.draw(n, rng)[rows])
+            rewards_finite = all(math.isfinite(v) for k, v in metrics.items() if k.startswith("reward/"))
+            if self.all_ranks_agree(_finite(loss) and rewards_finite):
+                metrics["grad_norm/generator"] = self.gen_update(loss)
+            else:
+                skipped = True
         metrics["loss/fake_score"] = fake_loss.item()
+        metrics["skipped"] = float(skipped)
         return metrics
-
-    def _apply(self, opt: torch.optim.Optimizer, module: nn.Module, loss: Tensor) -> float:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = self.optim.grad_clip if self.optim.grad_clip is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
-        opt.step()
-        return norm.item()
 
     def draw(self, batch: int, rng: torch.Generator) -> Draw:
         device = next(self.generator.parameters()).device
@@ -114,11 +185,8 @@ class TrainerStep:
         """Scalar loss whose gradient w.r.t. the generator is the DI* gradient; and its metrics."""
         cond = self.conditioner(prompts)
         x0 = self.generator(d.z, cond)
-        rewards = self.score_rewards(x0.detach(), prompts)
-        loss = reward_surrogate(x0, rewards.grads, self.weights)
-        metrics = {f"reward/{k}": v.mean().item() for k, v in rewards.rewards.items()}
-        # Per-sample size of the reward's pull on x0: what reward weights are balanced against.
-        metrics["grad_norm/reward"] = weighted_reward_grad(rewards.grads, self.weights).flatten(1).norm(dim=1).mean().item()
+        pending = self.score_rewards(x0.detach(), prompts)  # scored while the fake score runs below
+        loss, metrics = torch.zeros(len(prompts), dtype=x0.dtype, device=x0.device), {}
         if self.objective.alpha > 0:
             x_t = self.schedule.add_noise(x0, d.eps, d.t)
             a, b = self.schedule.ab(d.t, x0)
@@ -126,10 +194,14 @@ class TrainerStep:
                 d_fake = self.fake(x_t, d.t, cond)
             ref = self.query_reference(ReferenceRequest(x_t.detach(), d.t, prompts, x0.detach(), d_fake.detach(), self.spec))
             w = self.objective.alpha * timestep_weight(a, b, self.objective.weighting).flatten()
-            loss = loss + w * trainer_side(d_fake, ref.d_ref, x0, x_t, ref.g_ref, a, b, self.spec)
+            loss = w * trainer_side(d_fake, ref.d_ref, x0, x_t, ref.g_ref, a, b, self.spec)
             y = score_difference(d_fake.detach(), ref.d_ref, a, b)
             metrics["divergence"] = distance_value(y, self.spec.distance, self.spec.huber_c).mean().item()
-        loss = loss.mean()
+        rewards = pending.result()
+        loss = (loss + reward_surrogate(x0, rewards.grads, self.weights)).mean()
+        metrics.update({f"reward/{k}": v.mean().item() for k, v in rewards.rewards.items()})
+        # Per-sample size of the reward's pull on x0: what reward weights are balanced against.
+        metrics["grad_norm/reward"] = weighted_reward_grad(rewards.grads, self.weights).flatten(1).norm(dim=1).mean().item()
         metrics["loss/generator"] = loss.item()
         return loss, metrics
 

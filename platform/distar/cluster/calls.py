@@ -1,0 +1,60 @@
+"""Trainer-side calls to the pools: send now, wait later, and send again if a replica died.
+
+Serve re-routes a request only until a replica accepts it; a replica that dies while working on
+it fails the call. The request is a pure function of its inputs, so sending it again (Serve
+routes it to a live or replacement replica) loses no step and counts none twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+from distar.errors import RunFailed
+
+RETRYABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, TimeoutError)
+
+
+class PoolUnavailable(RunFailed):
+    """A pool failed the same request too many times."""
+
+
+class RetryingCall:
+    """One request in flight (the trainer's `Pending`): result() waits, re-sending on replica loss."""
+
+    def __init__(self, method, args: tuple, role: str, attempts: int, timeout_s: float, on_done: Callable[[str, float], None]):
+        self.method, self.args, self.role = method, args, role
+        self.attempts, self.timeout_s, self.on_done = attempts, timeout_s, on_done
+        self.start = time.perf_counter()
+        self.response = method.remote(*args)
+
+    def result(self) -> Any:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                value = self.response.result(timeout_s=self.timeout_s)
+                self.on_done(self.role, time.perf_counter() - self.start)
+                return value
+            except RETRYABLE as e:
+                if attempt == self.attempts:
+                    raise PoolUnavailable(f"{self.role} pool: a request failed {attempt} times; last error: {type(e).__name__}: {e}") from e
+                print(f"{self.role} pool: request failed ({type(e).__name__}), sending it again ({attempt}/{self.attempts - 1})", flush=True)
+                time.sleep(min(2.0 * attempt, 10.0))  # give Serve time to notice and replace the replica
+                self.response = self.method.remote(*self.args)
+
+
+class PoolClients:
+    """The two callables TrainerStep takes, backed by the pools' deployment handles."""
+
+    def __init__(self, reward_handle, reference_handle, on_done: Callable[[str, float], None], attempts: int = 5, timeout_s: float = 300.0):
+        self.reward, self.reference = reward_handle.score, reference_handle.query
+        self.on_done, self.attempts, self.timeout_s = on_done, attempts, timeout_s
+
+    def score_rewards(self, x0, prompts: list[str]) -> RetryingCall:
+        return RetryingCall(self.reward, (x0.cpu(), prompts), "reward", self.attempts, self.timeout_s, self.on_done)
+
+    def query_reference(self, request):
+        return RetryingCall(self.reference, (request,), "reference", self.attempts, self.timeout_s, self.on_done).result()

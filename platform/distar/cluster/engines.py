@@ -1,0 +1,77 @@
+"""DeepSpeed engines for the generator and the fake score, one per network on every trainer rank.
+
+ZeRO-3 shards each network's parameters, gradients and Adam states across the trainer ranks;
+forward hooks gather a layer's parameters when it runs, so the roles' code calls the networks
+as plain modules. Every forward and backward is a collective: all ranks make the same calls.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+
+from distar.config import OptimizerSpec, RunConfig
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def ds_config(cfg: RunConfig, spec: OptimizerSpec) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip or 0.0,  # DeepSpeed clips at 1.0 unless told
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "zero_optimization": {
+            "stage": cfg.cluster.zero_stage,
+            "overlap_comm": torch.cuda.is_available(),  # no streams to overlap on CPU
+            "stage3_param_persistence_threshold": 0,  # shard every parameter, however small
+            "stage3_prefetch_bucket_size": 0,  # no trace-based prefetch: the call order varies with K and alpha
+        },
+        # torch's own AdamW: DeepSpeed's fused and CPU Adam ops need a compiler at first use.
+        "optimizer": {"type": "AdamW", "params": {"lr": spec.lr, "betas": list(spec.betas), "eps": spec.eps,
+                                                  "weight_decay": spec.weight_decay, "torch_adam": True}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def engine_for(module: nn.Module, cfg: RunConfig, spec: OptimizerSpec):
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+                                      config=ds_config(cfg, spec))
+    return engine
+
+
+class EngineUpdate:
+    """The DeepSpeed counterpart of roles.trainer.TorchUpdate: backward (gradients averaged over
+    the ranks), clip by global norm, AdamW on this rank's shard."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __call__(self, loss: Tensor) -> float:
+        self.engine.backward(loss)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True on every rank if `ok` is True on every rank."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(ok)], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def gathered(module: nn.Module):
+    """A context in which every rank holds the module's full parameters (ZeRO-3 gathers them; a
+    no-op for unsharded modules). Read-only: edits made inside are discarded."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)

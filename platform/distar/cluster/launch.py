@@ -1,0 +1,119 @@
+"""The driver of a run on Ray: join or start a cluster, start the pools, run the trainer on Ray
+Train, and shut the pools down at the end, also on failure or Ctrl-C.
+
+Where it runs decides where Ray is: under `ray job submit` (RAY_ADDRESS set by the job) or with
+RAY_ADDRESS exported it joins that cluster; otherwise it starts a local Ray instance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from distar.config import RunConfig
+from distar.errors import RunFailed
+
+# For trainer workers and pool replicas: one copy of each printed line (Ray Train would also send
+# prints through its logger), and no per-load progress bars or library deprecation chatter.
+WORKER_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning",
+}
+
+
+class RunStopped(RunFailed):
+    """The trainer stopped the run early; str() says why."""
+
+
+def local_paths_made_absolute(cfg: RunConfig) -> RunConfig:
+    """Trainer workers and pool replicas run in other working directories: hand them absolute paths."""
+    tree = cfg.model_dump(mode="json")
+    tree["run"]["output_dir"] = str(Path(cfg.run.output_dir).resolve())
+    local = lambda v: v is not None and Path(v).expanduser().exists()  # noqa: E731
+    for section, key in (("data", "prompts"), ("model", "reference"), ("model", "generator_init")):
+        if local(tree[section][key]):
+            tree[section][key] = str(Path(tree[section][key]).expanduser().resolve())
+    for reward in tree["rewards"]:
+        if local(reward["source"]):
+            reward["source"] = str(Path(reward["source"]).expanduser().resolve())
+    return RunConfig.model_validate(tree)
+
+
+def cpus_needed(cfg: RunConfig) -> float:
+    c = cfg.cluster
+    pools = c.reward_pool.replicas * c.reward_pool.num_cpus + c.reference_pool.replicas * c.reference_pool.num_cpus
+    return c.trainer_workers * c.trainer_cpus + pools
+
+
+def connect(cfg: RunConfig) -> str:
+    """Join the cluster at RAY_ADDRESS, or start a local instance; returns the dashboard's URL."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        context = ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        # Logical CPUs are what Ray schedules by: a local instance offers enough for every role,
+        # which then share the machine's cores.
+        cpus = max(os.cpu_count() or 1, int(cpus_needed(cfg) + 0.999))
+        context = ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    url = context.dashboard_url
+    return f"http://{url}" if url and not url.startswith("http") else (url or "(dashboard not running)")
+
+
+def job_id() -> str | None:
+    """The submission id when this driver runs under `ray job submit`."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    return json.loads(raw).get("metadata", {}).get("job_submission_id") if raw else None
+
+
+def train(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train.torch import TorchTrainer
+
+    from distar.cluster.pools import Pools
+    from distar.cluster.train_loop import train_loop
+    from distar.config import to_yaml
+
+    cfg = local_paths_made_absolute(cfg)
+    out = Path(cfg.run.output_dir)
+    started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    log(f"Ray dashboard: {connect(cfg)}" + (f" (job {job_id()})" if job_id() else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    pools = None
+    try:
+        log("starting the reward and reference pools (Ray Serve)")
+        pools = Pools.start(cfg, WORKER_ENV)
+        c = cfg.cluster
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"run": cfg.model_dump(mode="json"), "reward": pools.reward, "reference": pools.reference},
+            scaling_config=ScalingConfig(num_workers=c.trainer_workers, use_gpu=c.trainer_gpus > 0,
+                                         resources_per_worker={"CPU": c.trainer_cpus, **({"GPU": c.trainer_gpus} if c.trainer_gpus else {})}),
+            run_config=TrainRunConfig(
+                name="checkpoints", storage_path=str(out),  # the same name and path resume the run
+                failure_config=FailureConfig(max_failures=c.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                worker_runtime_env={"env_vars": WORKER_ENV},
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except SystemExit as e:  # Ray Train's own Ctrl-C handler aborts the run, then exits
+            raise KeyboardInterrupt from e
+    finally:
+        if pools is not None:
+            pools.shutdown()
+        if started_ray:
+            ray.shutdown()
+    if result.metrics.get("stopped"):
+        raise RunStopped(f"run stopped at step {result.metrics['step']}: {cfg.run.max_consecutive_skips} updates in a row had a non-finite "
+                         f"loss or reward (run.max_consecutive_skips); the last checkpoint, under {out / 'checkpoints'}, keeps the weights of the last applied update")
+    return out / "generator"

@@ -1,0 +1,79 @@
+"""Each role built from a RunConfig, the same way in one process and in a Ray actor.
+
+Sources resolve first (a missing model fails before anything loads); every role loads only what
+it holds: reward workers the VAE and reward models, the reference pool the reference UNet and
+text encoder(s), the trainer the generator, the fake score and the text encoder(s).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from distar.config import RunConfig
+from distar.models import sources
+from distar.models.diffusion import Denoiser, DiffusionParts, OneStepGenerator, decode_latents, load_parts, load_vae
+from distar.rewards import load_reward
+from distar.roles.reference_pool import ReferencePool
+from distar.roles.reward_worker import RewardWorker
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where built-in sources (`tiny-random`) are materialised once per machine."""
+    return Path(os.environ.get("DISTAR_CACHE", Path.home() / ".cache" / "distar"))
+
+
+def check_sources(cfg: RunConfig) -> None:
+    """Fail on a model source that cannot work, before anything starts (nothing is downloaded)."""
+    m = cfg.model
+    sources.resolve(m.reference, m.family, cache_dir(), "model.reference", fetch=False)
+    if m.generator_init is not None:
+        sources.resolve(m.generator_init, m.family, cache_dir(), "model.generator_init", fetch=False)
+    for i, r in enumerate(cfg.rewards):
+        sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source", fetch=False)
+
+
+def dtype_of(cfg: RunConfig) -> torch.dtype:
+    return DTYPES[cfg.model.dtype]
+
+
+def reference_folder(cfg: RunConfig) -> Path:
+    return sources.resolve(cfg.model.reference, cfg.model.family, cache_dir(), "model.reference")
+
+
+def reference_parts(cfg: RunConfig) -> DiffusionParts:
+    m = cfg.model
+    return load_parts(reference_folder(cfg), m.num_train_timesteps, dtype_of(cfg), m.family, m.resolution)
+
+
+def reward_worker(cfg: RunConfig) -> RewardWorker:
+    models = {
+        r.name: load_reward(r.name, sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source"))
+        for i, r in enumerate(cfg.rewards)
+    }
+    return RewardWorker(functools.partial(decode_latents, load_vae(reference_folder(cfg), dtype_of(cfg))), models)
+
+
+def reference_pool(parts: DiffusionParts) -> ReferencePool:
+    return ReferencePool(Denoiser(parts.unet, parts.schedule), parts.conditioner)
+
+
+def trainable_networks(cfg: RunConfig, parts: DiffusionParts) -> tuple[OneStepGenerator, Denoiser]:
+    """The generator (from generator_init, else a copy of the reference UNet) and the fake score
+    (a copy of the reference UNet). Seeded: every trainer rank builds the same networks."""
+    torch.manual_seed(cfg.run.seed)
+    gen_unet = copy.deepcopy(parts.unet)
+    if cfg.model.generator_init is not None:
+        from diffusers import UNet2DConditionModel
+
+        init = sources.resolve(cfg.model.generator_init, cfg.model.family, cache_dir(), "model.generator_init")
+        gen_unet = UNet2DConditionModel.from_pretrained(init, subfolder="unet" if (init / "unet").is_dir() else None, torch_dtype=dtype_of(cfg))
+    generator = OneStepGenerator(gen_unet.requires_grad_(True), parts.schedule, cfg.model.t_star)
+    fake = Denoiser(copy.deepcopy(parts.unet).requires_grad_(True), parts.schedule)
+    return generator, fake

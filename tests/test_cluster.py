@@ -1,0 +1,241 @@
+"""The run on a real Ray cluster (`ray start --head` on 127.0.0.1): pools as Serve deployments,
+the trainer on Ray Train with DeepSpeed ZeRO-3 engines, checkpoints, resume and failures."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distar.config import load_config
+from distar.roles.in_process import build
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = "jobs/configs/smoke.yaml"
+PARAM_TOL = 1e-6  # absolute, on weights that one Adam step moves by up to lr = 1e-4
+# Adam moves every weight by about lr * sign(g) on its first step, however small g is: with the
+# default eps (1e-8), weights whose gradient is at float32 rounding level (1e-9 here: summation
+# order differs between one process and DeepSpeed's reductions) would move by lr in random
+# directions. A larger eps keeps those still and leaves every other weight's step as it was.
+ONE_STEP = ["run.steps=1", "optim.generator.eps=1e-5"]
+
+pytestmark = pytest.mark.slow
+
+
+def train_args(out: Path, *sets: str) -> list[str]:
+    return ["--config", SMOKE, "--set", f"run.output_dir={out}", *[a for s in sets for a in ("--set", s)]]
+
+
+def run_train(cluster, *args, timeout=600):
+    proc = subprocess.run([sys.executable, "jobs/train.py", *args], cwd=ROOT, env=cluster.run_env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoints(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "checkpoints").glob("checkpoint_*") if p.is_dir())
+
+
+def last_state(out: Path) -> dict:
+    return json.loads((checkpoints(out)[-1] / "trainer_state.json").read_text())
+
+
+def unet_params(folder: Path) -> torch.Tensor:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    return torch.cat([p.detach().flatten() for p in unet.parameters()])
+
+
+@pytest.fixture(scope="module")
+def in_process_one_step(tmp_path_factory, ray_cluster):
+    """The single-process runner's first update on a global batch of 4 prompts."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DISTAR_CACHE", ray_cluster.env["DISTAR_CACHE"])  # the tiny models the cluster's runs use
+        run = build(load_config(SMOKE, ["data.batch_size=4", *ONE_STEP]))
+    values = run.trainer.step(run.sampler.batch(0), torch.Generator().manual_seed(run.cfg.run.seed))
+    return torch.cat([p.detach().flatten() for p in run.trainer.generator.unet.parameters()]), values
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_distributed_step_equals_in_process(ray_cluster, in_process_one_step, tmp_path, workers):
+    """Pools on Serve, W trainer ranks with ZeRO-3 engines, each training on 4/W of the batch."""
+    expected, values = in_process_one_step
+    out = tmp_path / "run"
+    run_train(ray_cluster, *train_args(out, *ONE_STEP, f"data.batch_size={4 // workers}", f"cluster.trainer_workers={workers}"))
+    got = unet_params(out / "generator")
+    assert torch.isfinite(got).all()
+    assert (got - expected).abs().max().item() < PARAM_TOL
+    (step,) = metrics(out)
+    # The gradient norm is that of the whole batch's gradient (DeepSpeed averages over ranks).
+    assert step["grad_norm/generator"] == pytest.approx(values["grad_norm/generator"], rel=1e-4)
+
+
+def test_resumed_run_continues_identically(ray_cluster, tmp_path):
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    run_train(ray_cluster, *train_args(whole, "run.steps=4", "run.checkpoint_every=2"))
+    run_train(ray_cluster, *train_args(halves, "run.steps=2", "run.checkpoint_every=2"))
+    proc = run_train(ray_cluster, *train_args(halves, "run.steps=4", "run.checkpoint_every=2"))
+    assert "resuming from the checkpoint at step 2" in proc.stdout + proc.stderr
+    a, b = metrics(whole), metrics(halves)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for m_whole, m_resumed in zip(a[2:], b[2:]):
+        for key in ("loss/generator", "loss/fake_score", "divergence", "reward/pickscore"):
+            assert m_resumed[key] == pytest.approx(m_whole[key], rel=1e-6), key
+    assert (unet_params(whole / "generator") - unet_params(halves / "generator")).abs().max().item() < 1e-7
+
+
+def test_ray_job_submit_end_to_end(ray_cluster, tmp_path):
+    out = tmp_path / "run"
+    cmd = ["ray", "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", ".", "--",
+           "python", "jobs/train.py", *train_args(out, "run.steps=3", "run.checkpoint_every=2")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert re.search(r"Job '\S+' succeeded", proc.stdout) and "Ray dashboard: http://" in proc.stdout
+    kept = checkpoints(out)
+    assert len(kept) == 2  # steps 2 and 3 (the end)
+    assert last_state(out)["step"] == 3
+    assert (kept[-1] / "generator").is_dir() and (kept[-1] / "fake_score").is_dir()
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "generator")
+    pipe.set_progress_bar_config(disable=True)
+    t_star = json.loads((out / "generator" / "distar.json").read_text())["one_step_timestep"]
+    images = pipe(["a prompt"], num_inference_steps=1, timesteps=[t_star], guidance_scale=1.0, output_type="pt").images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def _wait_for_step(out: Path, step: int, proc, timeout=300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-5000:]
+        if (out / "metrics.jsonl").is_file() and any(m["step"] >= step for m in metrics(out)):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"the run did not reach step {step} in {timeout} s")
+
+
+def _wait_for_registered_checkpoint(out: Path, step: int, proc, timeout=120) -> None:
+    snapshot, deadline = out / "checkpoints" / "checkpoint_manager_snapshot.json", time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-5000:]
+        if snapshot.is_file() and any(c["metrics"]["step"] >= step for c in json.loads(snapshot.read_text())["checkpoint_results"]):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no checkpoint at step {step} registered in {timeout} s")
+
+
+def _start(cluster, out: Path, steps: int):
+    args = train_args(out, f"run.steps={steps}", "run.checkpoint_every=3")
+    return subprocess.Popen([sys.executable, "jobs/train.py", *args], cwd=ROOT, env=cluster.run_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=600) -> str:
+    log, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, log[-5000:]
+    return log
+
+
+def _kill(cluster, code: str) -> None:
+    """Run `code` in a driver of its own against the cluster (ray, list_actors and os in scope)."""
+    script = f"import os, signal, ray\nfrom ray.util.state import list_actors\nray.init(address='{cluster.address}')\n{code}\n"
+    subprocess.run([sys.executable, "-c", script], env=cluster.env, check=True, timeout=120, capture_output=True)
+
+
+def test_reward_replica_killed_mid_run(ray_cluster, tmp_path):
+    out, steps = tmp_path / "run", 12
+    proc = _start(ray_cluster, out, steps)
+    _wait_for_step(out, 3, proc)
+    _kill(ray_cluster, "names = [a['name'] for a in ray.util.list_named_actors(all_namespaces=True) if '-rewards#RewardScorer#' in a['name']]\n"
+                       "assert len(names) == 1, names\n"
+                       "ray.kill(ray.get_actor(names[0], namespace='serve'), no_restart=True)")
+    _finish(proc)
+    history = metrics(out)
+    assert [m["step"] for m in history] == list(range(1, steps + 1))  # no step lost or counted twice
+    assert history[-1]["applied"] == steps
+
+
+def test_trainer_worker_killed_mid_run(ray_cluster, tmp_path):
+    out, steps = tmp_path / "run", 8
+    proc = _start(ray_cluster, out, steps)
+    _wait_for_step(out, 4, proc)
+    _wait_for_registered_checkpoint(out, 3, proc)  # the controller resumes only from checkpoints it has registered
+    _kill(ray_cluster, "(w,) = list_actors(filters=[('class_name', '=', 'RayTrainWorker'), ('state', '=', 'ALIVE')])\n"
+                       "os.kill(w.pid, signal.SIGKILL)")
+    log = _finish(proc)
+    assert "resuming from the checkpoint at step" in log
+    history = metrics(out)
+    final = last_state(out)
+    assert final["step"] == steps and final["applied"] == steps
+    # Steps after the checkpoint were redone from it, once each in the final history.
+    assert sorted({m["step"] for m in history}) == list(range(1, steps + 1))
+
+
+def test_non_finite_updates_stop_the_run_with_a_checkpoint(ray_cluster, tmp_path):
+    """A generator learning rate of 1e30 blows the weights up at the first update; every later
+    loss is not finite, so the updates are skipped until the limit stops the run."""
+    out = tmp_path / "run"
+    args = train_args(out, "run.steps=20", "optim.generator.lr=1e30", "run.max_consecutive_skips=3")
+    proc = subprocess.run([sys.executable, "jobs/train.py", *args], cwd=ROOT, env=ray_cluster.run_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: run stopped at step 4: 3 updates in a row")
+    history = metrics(out)
+    assert [m["skipped"] for m in history] == [0, 1, 1, 1]
+    state = last_state(out)
+    assert state["step"] == 4 and state["applied"] == 1
+    assert not (out / "generator").exists()  # nothing exported from a failed run
+
+
+METRICS = ["distar_step_time_s", "distar_samples_per_s", "distar_role_latency_s", "distar_pool_batch_size", "distar_reward", "distar_loss"]
+
+
+def test_run_metrics_reach_the_prometheus_endpoint(ray_cluster, tmp_path):
+    """Ray exports the run's metrics at each node's metrics port, where Prometheus scrapes them."""
+    import urllib.request
+
+    out = tmp_path / "run"
+    proc = _start(ray_cluster, out, steps=30)
+    _wait_for_step(out, 2, proc)
+    found, deadline = set(), time.time() + 90
+    while time.time() < deadline and len(found) < len(METRICS) and proc.poll() is None:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10).read().decode()
+        found = {m for m in METRICS if f"ray_{m}" in text}
+        time.sleep(1)
+    _finish(proc)
+    assert found == set(METRICS)
+    roles = set(re.findall(r'ray_distar_role_latency_s_count\{[^}]*role="(\w+)"', text))
+    assert roles == {"reward", "reference"}
+    assert set(re.findall(r'ray_distar_reward\{[^}]*model="(\w+)"', text)) == {"pickscore", "clip_score"}
+
+
+def _replicas(cluster, out: Path) -> list[str]:
+    """Names of the Serve replicas of the run writing to `out` (its app names carry the run name)."""
+    script = (f"import ray\nray.init(address='{cluster.address}')\n"
+              "print('\\n'.join(a['name'] for a in ray.util.list_named_actors(all_namespaces=True) if a['name'].startswith('SERVE_REPLICA::distar-')))")
+    proc = subprocess.run([sys.executable, "-c", script], env=cluster.env, check=True, timeout=120, capture_output=True, text=True)
+    return [line for line in proc.stdout.splitlines() if line]
+
+
+def test_ctrl_c_shuts_the_pools_down(ray_cluster, tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    proc = _start(ray_cluster, out, steps=200)
+    _wait_for_step(out, 2, proc)
+    assert len(_replicas(ray_cluster, out)) == 2  # one reward and one reference replica
+    proc.send_signal(signal.SIGINT)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, log[-3000:]
+    assert "interrupted: pools shut down" in log
+    assert _replicas(ray_cluster, out) == []
