@@ -2,7 +2,6 @@
 the trainer on Ray Train with DeepSpeed ZeRO-3 engines, checkpoints, resume and failures."""
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -11,9 +11,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
+from distar.cluster.transfer import moved
 from distar.errors import RunFailed
 
 RETRYABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, TimeoutError)
@@ -26,8 +28,9 @@ class PoolUnavailable(RunFailed):
 class RetryingCall:
     """One request in flight (the trainer's `Pending`): result() waits, re-sending on replica loss."""
 
-    def __init__(self, method, args: tuple, role: str, attempts: int, timeout_s: float, on_done: Callable[[str, float], None]):
-        self.method, self.args, self.role = method, args, role
+    def __init__(self, method, args: tuple, role: str, attempts: int, timeout_s: float, on_done: Callable[[str, float], None],
+                 device: torch.device):
+        self.method, self.args, self.role, self.device = method, moved(args, "cpu"), role, device
         self.attempts, self.timeout_s, self.on_done = attempts, timeout_s, on_done
         self.start = time.perf_counter()
         self.response = method.remote(*args)
@@ -37,7 +40,7 @@ class RetryingCall:
             try:
                 value = self.response.result(timeout_s=self.timeout_s)
                 self.on_done(self.role, time.perf_counter() - self.start)
-                return value
+                return moved(value, self.device)
             except RETRYABLE as e:
                 if attempt == self.attempts:
                     raise PoolUnavailable(f"{self.role} pool: a request failed {attempt} times; last error: {type(e).__name__}: {e}") from e
@@ -54,7 +57,7 @@ class PoolClients:
         self.on_done, self.attempts, self.timeout_s = on_done, attempts, timeout_s
 
     def score_rewards(self, x0, prompts: list[str]) -> RetryingCall:
-        return RetryingCall(self.reward, (x0.cpu(), prompts), "reward", self.attempts, self.timeout_s, self.on_done)
+        return RetryingCall(self.reward, (x0, prompts), "reward", self.attempts, self.timeout_s, self.on_done, x0.device)
 
     def query_reference(self, request):
-        return RetryingCall(self.reference, (request,), "reference", self.attempts, self.timeout_s, self.on_done).result()
+        return RetryingCall(self.reference, (request,), "reference", self.attempts, self.timeout_s, self.on_done, request.x_t.device).result()

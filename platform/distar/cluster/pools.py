@@ -17,6 +17,7 @@ import torch
 from ray import serve
 
 from distar.cluster.metrics import RoleMetrics
+from distar.cluster.transfer import local_device, moved
 from distar.config import RunConfig
 from distar.roles import from_config
 from distar.roles.reference_pool import ReferenceRequest, ReferenceResult
@@ -35,15 +36,15 @@ def _split(tensor: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor |
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=5, max_constructor_retry_count=3)
 class RewardScorer:
     def __init__(self, cfg: dict):
-        run = RunConfig.model_validate(cfg)
-        self.worker = from_config.reward_worker(run)
+        run, self.device = RunConfig.model_validate(cfg), local_device()
+        self.worker = from_config.reward_worker(run, self.device)
         self.score.set_max_batch_size(run.cluster.reward_pool.max_batch_size)
         self.metrics = RoleMetrics("reward")
 
     @serve.batch(batch_size_fn=_images, batch_wait_timeout_s=0.01)
     async def score(self, x0: list[torch.Tensor], prompts: list[list[str]]) -> list[RewardResult]:
         sizes = [len(p) for p in prompts]
-        out = self.worker(torch.cat(x0), [p for ps in prompts for p in ps])
+        out = moved(self.worker(torch.cat(x0).to(self.device), [p for ps in prompts for p in ps]), "cpu")
         self.metrics.batch_ran(sum(sizes))
         rewards = {k: v.split(sizes) for k, v in out.rewards.items()}
         grads = {k: v.split(sizes) for k, v in out.grads.items()}
@@ -53,8 +54,8 @@ class RewardScorer:
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=5, max_constructor_retry_count=3)
 class ReferenceDenoiser:
     def __init__(self, cfg: dict):
-        run = RunConfig.model_validate(cfg)
-        self.pool = from_config.reference_pool(from_config.reference_parts(run))
+        run, self.device = RunConfig.model_validate(cfg), local_device()
+        self.pool = from_config.reference_pool(from_config.reference_parts(run, self.device))
         self.query.set_max_batch_size(run.cluster.reference_pool.max_batch_size)
         self.metrics = RoleMetrics("reference")
 
@@ -69,7 +70,7 @@ class ReferenceDenoiser:
                 torch.cat([r.x_t for r in group]), torch.cat([r.t for r in group]), [p for r in group for p in r.prompts],
                 torch.cat([r.x0 for r in group]), torch.cat([r.d_fake for r in group]), spec,
             )
-            out, sizes = self.pool(merged), [len(r.prompts) for r in group]
+            out, sizes = moved(self.pool(moved(merged, self.device)), "cpu"), [len(r.prompts) for r in group]
             self.metrics.batch_ran(sum(sizes))
             for i, d_ref, g_ref in zip(members, out.d_ref.split(sizes), _split(out.g_ref, sizes)):
                 results[i] = ReferenceResult(d_ref, g_ref)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray.train
+import ray.train.torch
 import torch
 
 from distar.cluster.calls import PoolClients
@@ -47,7 +48,7 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     out = Path(cfg.run.output_dir)
 
-    parts = from_config.reference_parts(cfg)
+    parts = from_config.reference_parts(cfg, ray.train.torch.get_device())
     generator, fake = from_config.trainable_networks(cfg, parts)
     latent_shape = parts.latent_shape(cfg.model.resolution)
     parts.unet = None  # the trainer needs the reference only as the networks' initialisation

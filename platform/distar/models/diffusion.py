@@ -133,6 +133,11 @@ class DiffusionParts:
     def decode(self, latents: Tensor) -> Tensor:
         return decode_latents(self.vae, latents)
 
+    def to(self, device: torch.device | str) -> DiffusionParts:
+        for module in (self.unet, self.vae, self.conditioner):
+            module.to(device)
+        return self
+
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         factor = _vae_factor(self.vae)
         if resolution % factor:

@@ -26,6 +26,8 @@ class RewardModel(Protocol):
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor: ...
 
+    def to(self, device) -> RewardModel: ...  # every reward is an nn.Module
+
 
 class MissingPackageError(UserError):
     """A reward model whose package is not installed (or does not import); str() is the message to print."""

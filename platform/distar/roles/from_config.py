@@ -47,17 +47,17 @@ def reference_folder(cfg: RunConfig) -> Path:
     return sources.resolve(cfg.model.reference, cfg.model.family, cache_dir(), "model.reference")
 
 
-def reference_parts(cfg: RunConfig) -> DiffusionParts:
+def reference_parts(cfg: RunConfig, device: torch.device | str = "cpu") -> DiffusionParts:
     m = cfg.model
-    return load_parts(reference_folder(cfg), m.num_train_timesteps, dtype_of(cfg), m.family, m.resolution)
+    return load_parts(reference_folder(cfg), m.num_train_timesteps, dtype_of(cfg), m.family, m.resolution).to(device)
 
 
-def reward_worker(cfg: RunConfig) -> RewardWorker:
+def reward_worker(cfg: RunConfig, device: torch.device | str = "cpu") -> RewardWorker:
     models = {
-        r.name: load_reward(r.name, sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source"))
+        r.name: load_reward(r.name, sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source")).to(device)
         for i, r in enumerate(cfg.rewards)
     }
-    return RewardWorker(functools.partial(decode_latents, load_vae(reference_folder(cfg), dtype_of(cfg))), models)
+    return RewardWorker(functools.partial(decode_latents, load_vae(reference_folder(cfg), dtype_of(cfg)).to(device)), models)
 
 
 def reference_pool(parts: DiffusionParts) -> ReferencePool:

@@ -1,0 +1,27 @@
+"""Requests and results cross processes through the object store on the CPU, in the training
+dtype; each side moves them to its own device."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def moved(value: T, device: torch.device | str) -> T:
+    """A copy of a role's request or result (dataclass, dict or tensor) with every tensor on device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: moved(v, device) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: moved(getattr(value, f.name), device) for f in dataclasses.fields(value) if f.init})
+    return value
+
+
+def local_device() -> torch.device:
+    """The GPU Ray gave this replica, if any (Ray sets CUDA_VISIBLE_DEVICES per actor)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
