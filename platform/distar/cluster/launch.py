@@ -14,6 +14,9 @@ from pathlib import Path
 
 from distar.config import RunConfig
 from distar.errors import RunFailed
+from distar.models.sources import TINY, TOY
+
+BUILT_IN = (TINY, TOY)  # source names, not paths, even where a folder of that name exists
 
 # For trainer workers and pool replicas: one copy of each printed line (Ray Train would also send
 # prints through its logger), and no per-load progress bars or library deprecation chatter.
@@ -34,7 +37,7 @@ def local_paths_made_absolute(cfg: RunConfig) -> RunConfig:
     """Trainer workers and pool replicas run in other working directories: hand them absolute paths."""
     tree = cfg.model_dump(mode="json")
     tree["run"]["output_dir"] = str(Path(cfg.run.output_dir).resolve())
-    local = lambda v: v is not None and Path(v).expanduser().exists()  # noqa: E731
+    local = lambda v: v is not None and v not in BUILT_IN and Path(v).expanduser().exists()  # noqa: E731
     for section, key in (("data", "prompts"), ("model", "reference"), ("model", "generator_init")):
         if local(tree[section][key]):
             tree[section][key] = str(Path(tree[section][key]).expanduser().resolve())
