@@ -29,8 +29,8 @@ from distar.toy import assets, autoencoder, diffusion, judge, world  # noqa: E40
 from distar.toy import clip as toy_clip  # noqa: E402
 from distar.toy import reader as toy_reader  # noqa: E402
 
-FULL = dict(images=100_000, pairs=40_000, held_out=2_000, reader_steps=2_000, vae_steps=1_800, clip_steps=1_200,
-            pickscore_steps=600, unet_steps=2_400, eval_prompts=200, eval_steps=50)
+FULL = dict(images=100_000, pairs=40_000, held_out=2_000, reader_steps=2_000, vae_steps=1_200, clip_steps=1_200,
+            pickscore_steps=600, unet_steps=1_600, eval_prompts=200, eval_steps=50)
 QUICK = dict(images=512, pairs=256, held_out=64, reader_steps=4, vae_steps=4, clip_steps=4,
              pickscore_steps=4, unet_steps=4, eval_prompts=8, eval_steps=2)
 EVAL_CFG = (2.0, 3.0, 4.5)  # guidance scales the reference is judged at; the best is reported
