@@ -78,9 +78,10 @@ def train_loop(config: dict) -> None:
         skipped = bool(values["skipped"])
         progress.applied += not skipped
         progress.skipped_in_a_row = progress.skipped_in_a_row + 1 if skipped else 0
-        metrics.step_done(time.perf_counter() - start, cfg.data.batch_size * world, values)
-        if rank == 0 and (progress.step % cfg.run.log_every == 0 or progress.step == steps):
-            print(line(progress.step, values), flush=True)
+        if rank == 0:  # one series per run: the values are the same on every rank, or rank 0's shard
+            metrics.step_done(time.perf_counter() - start, cfg.data.batch_size * world, values)
+            if progress.step % cfg.run.log_every == 0 or progress.step == steps:
+                print(line(progress.step, values), flush=True)
         stop = progress.skipped_in_a_row >= cfg.run.max_consecutive_skips
         # `stopped` reaches the driver, which fails the run with a clear message (raising here
         # would count as a worker failure and restart the workers into the same non-finite state).
