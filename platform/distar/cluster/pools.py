@@ -91,12 +91,12 @@ class Pools:
         serve.start(proxy_location="Disabled")  # no HTTP proxy: only handles reach the pools
         tag = f"distar-{cfg.run.name}-{uuid.uuid4().hex[:6]}"
         payload = cfg.model_dump(mode="json")
-        handles = []
-        for role, deployment, pool in (("rewards", RewardScorer, cfg.cluster.reward_pool), ("reference", ReferenceDenoiser, cfg.cluster.reference_pool)):
+        names, handles = (f"{tag}-rewards", f"{tag}-reference"), []
+        for name, deployment, pool in zip(names, (RewardScorer, ReferenceDenoiser), (cfg.cluster.reward_pool, cfg.cluster.reference_pool)):
             options = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "runtime_env": {"env_vars": env}}
             app = deployment.options(num_replicas=pool.replicas, ray_actor_options=options).bind(payload)
-            handles.append(serve.run(app, name=f"{tag}-{role}", route_prefix=None))
-        return cls((f"{tag}-rewards", f"{tag}-reference"), *handles)
+            handles.append(serve.run(app, name=name, route_prefix=None))
+        return cls(names, *handles)
 
     def shutdown(self) -> None:
         for app in self.apps:
