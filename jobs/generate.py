@@ -39,15 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prompts = load_prompts(args.prompts, field="--prompts")
         from distar.models import sources
-        from distar.models.sampling import generate, load_pipeline
+        from distar.models.sampling import ImageModel
         from distar.roles.from_config import cache_dir
 
         folder = sources.resolve(args.model, "toy" if args.model == "toy" else "sd15", cache_dir(), "--model")
         if not (folder / "model_index.json").is_file():
             raise UserError(f"--model: {folder} is not a diffusers pipeline folder (no model_index.json)")
-        pipe = load_pipeline(folder)
-        resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        images = generate(pipe, folder, prompts, args.steps, args.cfg, args.seed, resolution)
+        model = ImageModel(folder, args.steps, args.cfg, args.resolution)
+        images = model.generate(prompts, range(args.seed, args.seed + len(prompts)))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

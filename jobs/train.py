@@ -4,7 +4,9 @@
     ray job submit --working-dir . -- python jobs/train.py [...]
 
 Without --config, the embedded default run is used. The run goes on Ray: the cluster at
-RAY_ADDRESS (set for you under `ray job submit`), else a local instance this job starts.
+RAY_ADDRESS (set for you under `ray job submit`), else a local instance this job starts. It is
+tracked as one MLflow run (tracking.mlflow_uri, else MLFLOW_TRACKING_URI, else ./mlflow.db with
+artifacts in ./mlartifacts); the finished generator is registered with alias `candidate`.
 --in-process runs every role in this process instead (no Ray, no DeepSpeed): the single-process
 baseline. Bad input exits with status 2 and one line, before any model loads.
 """
@@ -49,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
             from distar.roles.in_process import train
         else:
             from distar.cluster.launch import train
-        train(cfg)
+        from distar.cluster.launch import job_id
+        from distar.tracking.runs import TrainingRun
+
+        with TrainingRun(cfg, job_id()) as tracked:  # a failure ends the MLflow run FAILED, registering nothing
+            print(f"MLflow: {tracked.link()}", flush=True)
+            version = tracked.register(train(cfg, tracked.target))
+        print(f"registered {version.name} version {version.version} (alias candidate): models:/{version.name}@candidate")
     except KeyboardInterrupt:
         print("interrupted: pools shut down; the run resumes from its last checkpoint when started again", file=sys.stderr)
         return 130

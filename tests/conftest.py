@@ -27,6 +27,13 @@ def tiny_clip(tmp_path_factory):
     return tiny.build_clip(tmp_path_factory.mktemp("models") / "clip")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tracking_store(tmp_path_factory):
+    """Runs that tests start (and Ray clusters they start) track into a store of the session's,
+    never into ./mlflow.db of the checkout."""
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('tracking')}/mlflow.db"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Built-in sources (`tiny-random`) materialise under the test's own folder."""
@@ -96,3 +103,72 @@ def ray_cluster(tmp_path_factory):
     cluster = RayCluster(tmp_path_factory.mktemp("ray"))
     yield cluster
     cluster.stop()
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend and served artifacts, in its own
+    process group."""
+
+    def __init__(self, root):
+        import subprocess
+        import sys
+        import time
+        from pathlib import Path
+
+        import requests
+
+        self.uri = f"http://127.0.0.1:{_free_port()}"
+        port = self.uri.rsplit(":", 1)[1]
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", port, "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+            stdout=open(root / "mlflow_server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}; see {root / 'mlflow_server.log'}")
+            try:
+                if requests.get(self.uri + "/health", timeout=2).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError("mlflow server did not answer within 90 s")
+
+    def stop(self):
+        import signal
+        import subprocess
+
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def register_toy_generator(tmp_path_factory):
+    """Train a toy-world generator for a few steps in-process, tracked into an MLflow store, and
+    register it as jobs/train.py does; returns the model version."""
+    from distar.config import load_config
+    from distar.roles.in_process import train
+    from distar.tracking.runs import TrainingRun
+
+    def register(uri: str, *overrides: str, steps: int = 2):
+        out = tmp_path_factory.mktemp("toy-run")
+        cfg = load_config(None, [f"run.output_dir={out}", f"run.steps={steps}", "data.batch_size=4", f"tracking.mlflow_uri={uri}",
+                                 "tracking.grid_every=1", "run.log_every=1", *overrides])
+        with TrainingRun(cfg) as tracked:
+            return tracked.register(train(cfg, tracked.target, log=lambda line: None))
+
+    return register

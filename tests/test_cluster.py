@@ -2,12 +2,14 @@
 the trainer on Ray Train with DeepSpeed ZeRO-3 engines, checkpoints, resume and failures."""
 
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 
@@ -99,7 +101,14 @@ def test_ray_job_submit_end_to_end(ray_cluster, tmp_path):
            "python", "jobs/train.py", *train_args(out, "run.steps=3", "run.checkpoint_every=2")]
     proc = subprocess.run(cmd, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:]
-    assert re.search(r"Job '\S+' succeeded", proc.stdout) and "Ray dashboard: http://" in proc.stdout
+    job = re.search(r"Job '(\S+)' succeeded", proc.stdout)
+    assert job and "Ray dashboard: http://" in proc.stdout
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # the cluster's, inherited by the job
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.`distar.output_dir` = '{out.resolve()}'")
+    assert run.info.status == "FINISHED" and run.data.tags["ray.job_id"] == job.group(1)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "reward/pickscore")] == [1, 2, 3]  # written by rank 0
+    [version] = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+    assert client.get_model_version(version.name, version.version).aliases == ["candidate"]
     kept = checkpoints(out)
     assert len(kept) == 2  # steps 2 and 3 (the end)
     assert last_state(out)["step"] == 3
@@ -194,6 +203,10 @@ def test_non_finite_updates_stop_the_run_with_a_checkpoint(ray_cluster, tmp_path
     state = last_state(out)
     assert state["step"] == 4 and state["applied"] == 1
     assert not (out / "generator").exists()  # nothing exported from a failed run
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.`distar.output_dir` = '{out.resolve()}'")
+    assert run.info.status == "FAILED" and "run stopped at step 4" in run.data.tags["distar.error"]
+    assert client.search_model_versions(f"run_id = '{run.info.run_id}'") == []  # a failed run registers nothing
 
 
 METRICS = ["distar_step_time_s", "distar_samples_per_s", "distar_role_latency_s", "distar_pool_batch_size", "distar_reward", "distar_loss"]

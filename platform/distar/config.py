@@ -112,7 +112,8 @@ class ClusterSection(Section):
 class TrackingSection(Section):
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or a local sqlite store.")
     experiment: str = Field("distar", min_length=1, description="MLflow experiment name.")
-    registered_model: str = Field("distar-generator", min_length=1, description="Registry name for the finished generator.")
+    registered_model: str = Field("distar-generator", min_length=1, description="Registry name for the finished generator (alias `candidate` marks each new version).")
+    grid_every: int = Field(100, ge=1, description="Log an image grid of fixed prompts and noise every N generator updates (and before the first and after the last).")
 
 
 class RunConfig(Section):

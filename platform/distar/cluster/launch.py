@@ -15,6 +15,7 @@ from pathlib import Path
 from distar.config import RunConfig
 from distar.errors import RunFailed
 from distar.models.sources import TINY, TOY
+from distar.tracking.runs import RunTarget
 
 BUILT_IN = (TINY, TOY)  # source names, not paths, even where a folder of that name exists
 
@@ -26,6 +27,7 @@ WORKER_ENV = {
     "DIFFUSERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # rank 0's system-metrics monitor announces itself otherwise
 }
 
 
@@ -74,7 +76,7 @@ def job_id() -> str | None:
     return json.loads(raw).get("metadata", {}).get("job_submission_id") if raw else None
 
 
-def train(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
+def train(cfg: RunConfig, tracking: RunTarget | None = None, log: Callable[[str], None] = print) -> Path:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
@@ -97,7 +99,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
         c = cfg.cluster
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"run": cfg.model_dump(mode="json"), "reward": pools.reward, "reference": pools.reference},
+            train_loop_config={"run": cfg.model_dump(mode="json"), "reward": pools.reward, "reference": pools.reference, "tracking": tracking},
             scaling_config=ScalingConfig(num_workers=c.trainer_workers, use_gpu=c.trainer_gpus > 0,
                                          resources_per_worker={"CPU": c.trainer_cpus, **({"GPU": c.trainer_gpus} if c.trainer_gpus else {})}),
             run_config=TrainRunConfig(

@@ -68,35 +68,42 @@ def train_loop(config: dict) -> None:
         print(f"resuming from the checkpoint at step {progress.step}", flush=True)
 
     shown = outputs.grid_prompts(prompts)
-    sample = lambda: outputs.sample_images(generator, parts, latent_shape, shown, cfg.run.seed)  # noqa: E731  every rank: ZeRO-3 forwards are collective
-    before = sample() if progress.step == 0 else None
-    line, steps = outputs.StepLine(progress.step, cfg.run.steps), cfg.run.steps
-    while progress.step < steps:
-        start = time.perf_counter()
-        values = trainer.step(sampler.batch(progress.step), rng)
-        progress.step += 1
-        skipped = bool(values["skipped"])
-        progress.applied += not skipped
-        progress.skipped_in_a_row = progress.skipped_in_a_row + 1 if skipped else 0
-        if rank == 0:  # one series per run: the values are the same on every rank, or rank 0's shard
-            metrics.step_done(time.perf_counter() - start, cfg.data.batch_size * world, values)
-            if progress.step % cfg.run.log_every == 0 or progress.step == steps:
-                print(line(progress.step, values), flush=True)
-        stop = progress.skipped_in_a_row >= cfg.run.max_consecutive_skips
-        # `stopped` reaches the driver, which fails the run with a clear message (raising here
-        # would count as a worker failure and restart the workers into the same non-finite state).
-        values.update(step=progress.step, applied=progress.applied, stopped=float(stop))
-        if rank == 0:
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(values) + "\n")
-        if stop or progress.step % cfg.run.checkpoint_every == 0 or progress.step == steps:
-            _save(gen_engine, fake_engine, progress, rng, values)
-        elif progress.step % cfg.run.log_every == 0:
-            ray.train.report(values)  # a barrier on every rank: the same cadence everywhere
-        if stop:
-            return
+    sample = lambda: outputs.sample_images(generator, parts, latent_shape, shown, cfg.run.seed)  # noqa: E731
+    steps = cfg.run.steps
+    record = outputs.RunRecord(config["tracking"] if rank == 0 else None, shown, sample, cfg.tracking.grid_every, steps)
+    try:
+        before = record.grid(0) if progress.step == 0 else None
+        line = outputs.StepLine(progress.step, steps)
+        while progress.step < steps:
+            start = time.perf_counter()
+            values = trainer.step(sampler.batch(progress.step), rng)
+            progress.step += 1
+            seconds, samples = time.perf_counter() - start, cfg.data.batch_size * world
+            skipped = bool(values["skipped"])
+            progress.applied += not skipped
+            progress.skipped_in_a_row = progress.skipped_in_a_row + 1 if skipped else 0
+            if rank == 0:  # one series per run: the values are the same on every rank, or rank 0's shard
+                metrics.step_done(seconds, samples, values)
+                if progress.step % cfg.run.log_every == 0 or progress.step == steps:
+                    print(line(progress.step, values), flush=True)
+            record.step(progress.step, values, seconds, samples)
+            stop = progress.skipped_in_a_row >= cfg.run.max_consecutive_skips
+            # `stopped` reaches the driver, which fails the run with a clear message (raising here
+            # would count as a worker failure and restart the workers into the same non-finite state).
+            values.update(step=progress.step, applied=progress.applied, stopped=float(stop))
+            if rank == 0:
+                with (out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(values) + "\n")
+            if stop or progress.step % cfg.run.checkpoint_every == 0 or progress.step == steps:
+                _save(gen_engine, fake_engine, progress, rng, values)
+            elif progress.step % cfg.run.log_every == 0:
+                ray.train.report(values)  # a barrier on every rank: the same cadence everywhere
+            if stop:
+                return
+        after = record.grid(steps)
+    finally:
+        record.close()
 
-    after = sample()
     with gathered(generator):  # every rank takes part; rank 0 writes the full weights
         if rank == 0:
             if before is not None:

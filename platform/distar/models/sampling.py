@@ -1,17 +1,21 @@
 """Sampling pipeline folders with the stock diffusers pipeline classes.
 
 A one-step generator folder (it carries `distar.json`) is sampled in one step at its t*; a
-diffusion model (a reference) with N DDIM steps and classifier-free guidance. Sample i uses
-noise from seed + i, so an image does not depend on the batch it was generated in.
+diffusion model (a reference) with N DDIM steps and classifier-free guidance. Every image has
+its own noise seed, so an image does not depend on the batch it was generated in: the same
+(prompt, seed) gives the same image from jobs/generate.py, evaluation and the Serve endpoint.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from distar.errors import UserError
 
 
 def one_step_timestep(folder: str | Path) -> int | None:
@@ -22,6 +26,8 @@ def one_step_timestep(folder: str | Path) -> int | None:
 def load_pipeline(folder: str | Path, dtype: torch.dtype = torch.float32):
     from diffusers import DDIMScheduler, DiffusionPipeline
 
+    if not (Path(folder) / "model_index.json").is_file():
+        raise UserError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
     if one_step_timestep(folder) is None:  # a diffusion model: sample with DDIM
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=True)
@@ -29,20 +35,42 @@ def load_pipeline(folder: str | Path, dtype: torch.dtype = torch.float32):
     return pipe
 
 
-def initial_noise(pipe, n: int, seed: int, resolution: int) -> Tensor:
-    factor = pipe.vae_scale_factor
-    shape = (pipe.unet.config.in_channels, resolution // factor, resolution // factor)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+class ImageModel:
+    """A pipeline folder loaded once and sampled by (prompt, seed) pairs.
 
+    `steps` and `cfg` apply to diffusion models only; a one-step generator takes its one step at
+    t* without guidance (DI* trains the guidance in)."""
 
-@torch.no_grad()
-def generate(pipe, folder: str | Path, prompts: list[str], steps: int, cfg: float, seed: int, resolution: int, batch: int = 64) -> Tensor:
-    """Images [N, 3, H, W] in [0, 1]. One-step folders ignore `steps` and `cfg`."""
-    t_star = one_step_timestep(folder)
-    noise = initial_noise(pipe, len(prompts), seed, resolution).to(pipe.unet.dtype)
-    out = []
-    for i in range(0, len(prompts), batch):
-        kwargs = dict(num_inference_steps=1, timesteps=[t_star], guidance_scale=1.0) if t_star is not None else dict(num_inference_steps=steps, guidance_scale=cfg)
-        images = pipe(prompts[i : i + batch], latents=noise[i : i + batch], height=resolution, width=resolution, output_type="pt", **kwargs).images
-        out.append(images.float().cpu())
-    return torch.cat(out)
+    def __init__(self, folder: str | Path, steps: int = 50, cfg: float = 3.0, resolution: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.folder, self.steps, self.cfg = Path(folder), steps, cfg
+        self.pipe = load_pipeline(self.folder, dtype).to(device)
+        self.t_star = one_step_timestep(self.folder)
+        self.resolution = resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    @property
+    def network_calls(self) -> int:
+        """UNet evaluations per image."""
+        return 1 if self.t_star is not None else self.steps * (2 if self.cfg > 1 else 1)
+
+    def noise(self, seeds: Sequence[int]) -> Tensor:
+        side = self.resolution // self.pipe.vae_scale_factor
+        shape = (self.pipe.unet.config.in_channels, side, side)
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], batch: int = 64) -> Tensor:
+        """Images [N, 3, H, W] in [0, 1] on the CPU, image i from noise seed seeds[i]."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if self.t_star is not None:
+            kwargs = dict(num_inference_steps=1, timesteps=[self.t_star], guidance_scale=1.0)
+        else:
+            kwargs = dict(num_inference_steps=self.steps, guidance_scale=self.cfg)
+        noise = self.noise(seeds).to(self.pipe.device, self.pipe.unet.dtype)
+        out = []
+        for i in range(0, len(prompts), batch):
+            images = self.pipe(list(prompts[i : i + batch]), latents=noise[i : i + batch], height=self.resolution, width=self.resolution,
+                               output_type="pt", **kwargs).images
+            out.append(images.float().cpu())
+        return torch.cat(out)

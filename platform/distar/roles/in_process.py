@@ -6,6 +6,7 @@ wires a RewardWorker and a ReferencePool into a TrainerStep by direct calls, and
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,7 @@ from distar.images import grid, save_png
 from distar.models.diffusion import DiffusionParts, export_generator
 from distar.roles import from_config, outputs
 from distar.roles.trainer import Ready, TrainerStep
+from distar.tracking.runs import RunTarget
 
 
 @dataclass
@@ -40,23 +42,29 @@ def build(cfg: RunConfig) -> InProcessRun:
     return InProcessRun(cfg, parts, trainer, sampler)
 
 
-def train(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
+def train(cfg: RunConfig, tracking: RunTarget | None = None, log: Callable[[str], None] = print) -> Path:
     """Run cfg.run.steps updates in this process; export the generator and a before/after grid
-    (top row: the generator at initialisation, bottom row: trained, same prompts and noise)."""
+    (top row: the generator at initialisation, bottom row: trained, same prompts and noise).
+    With a tracking target, metrics and grids go to that MLflow run."""
     run = build(cfg)  # every source resolves before anything is written
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     shown = outputs.grid_prompts(run.sampler.prompts)
     sample = lambda: outputs.sample_images(run.trainer.generator, run.parts, run.trainer.latent_shape, shown, cfg.run.seed)  # noqa: E731
-    before = sample()
+    steps = cfg.run.steps
+    record = outputs.RunRecord(tracking, shown, sample, cfg.tracking.grid_every, steps)
+    before = record.grid(0)
     rng = torch.Generator().manual_seed(cfg.run.seed)
-    line, steps = outputs.StepLine(0, cfg.run.steps), cfg.run.steps
-    for step in range(steps):
-        metrics = run.trainer.step(run.sampler.batch(step), rng)
-        if (step + 1) % cfg.run.log_every == 0 or step + 1 == steps:
-            log(line(step + 1, metrics))
-    save_png(grid(torch.cat([before, sample()]), columns=len(shown)), out / "before_after.png", scale=4)
+    line = outputs.StepLine(0, steps)
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        metrics = run.trainer.step(run.sampler.batch(step - 1), rng)
+        record.step(step, metrics, time.perf_counter() - start, cfg.data.batch_size)
+        if step % cfg.run.log_every == 0 or step == steps:
+            log(line(step, metrics))
+    save_png(grid(torch.cat([before, record.grid(steps)]), columns=len(shown)), out / "before_after.png", scale=4)
+    record.close()
     folder = export_generator(run.trainer.generator, run.parts.folder, out / "generator")
     log(f"generator written to {folder} (diffusers folder; sample with timesteps=[{cfg.model.t_star}])")
     return folder

@@ -1,13 +1,16 @@
-"""What a run prints and leaves behind, the same in one process and on Ray Train: the step line,
-the before/after grid of fixed prompts and noise, and the config it ran with."""
+"""What a run prints and records, the same in one process and on Ray Train: the step line, and
+the grids of fixed prompts and noise and the per-step values it writes to MLflow."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
+from distar.images import grid
 from distar.models.diffusion import DiffusionParts, OneStepGenerator
+from distar.tracking.runs import RunTarget, StepLogger
 
 GRID_SIZE = 8  # prompts (columns) in the before/after grid
 
@@ -40,3 +43,33 @@ class StepLine:
         rate = (done - self.first) / (time.perf_counter() - self.start)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         return f"step {done}/{self.steps} | {shown} | {rate:.2f} step/s | ETA {_eta((self.steps - done) / rate)}"
+
+
+class RunRecord:
+    """What a run writes to MLflow, the same in one process and on Ray Train: every step's values
+    with samples/s, and a grid of fixed prompts and noise at the start, every
+    `tracking.grid_every` updates and at the end. `sample` runs wherever the record asks for a
+    grid (on Ray, on every rank: ZeRO-3 forwards are collective); only a record with a target
+    (rank 0 of a tracked run) writes."""
+
+    def __init__(self, target: RunTarget | None, shown: list[str], sample: Callable[[], torch.Tensor], every: int, last: int):
+        self.shown, self.sample, self.every, self.last = shown, sample, every, last
+        self.logger = StepLogger(target) if target is not None else None
+        if self.logger is not None:
+            self.logger.text("\n".join(shown), "grid_prompts.txt")
+
+    def grid(self, step: int) -> torch.Tensor:
+        images = self.sample()
+        if self.logger is not None:
+            self.logger.grid(step, grid(images, columns=len(self.shown)))
+        return images
+
+    def step(self, step: int, values: dict[str, float], seconds: float, samples: int) -> None:
+        if self.logger is not None:
+            self.logger.step(step, {**values, "samples_per_s": samples / seconds})
+        if step % self.every == 0 and step != self.last:  # the last step's grid is the final one
+            self.grid(step)
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()

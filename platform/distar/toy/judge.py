@@ -40,17 +40,16 @@ def judge(
 ) -> tuple[Verdict, torch.Tensor]:
     """Sample `folder` on prompts (one step if it is a one-step generator), time it, read it.
     Returns the verdict and the images."""
-    from distar.models.sampling import generate, load_pipeline, one_step_timestep
+    from distar.models.sampling import ImageModel
 
-    pipe = load_pipeline(folder)
-    generate(pipe, folder, prompts[:2], steps, cfg, seed, world.SIZE)  # warm-up: first calls allocate
+    model = ImageModel(folder, steps, cfg, world.SIZE)
+    seeds = range(seed, seed + len(prompts))
+    model.generate(prompts[:2], seeds[:2])  # warm-up: first calls allocate
     start = time.perf_counter()
-    images = generate(pipe, folder, prompts, steps, cfg, seed, world.SIZE)
+    images = model.generate(prompts, seeds)
     seconds = (time.perf_counter() - start) / len(prompts)
     reading = reader.read(images)
-    one_step = one_step_timestep(folder) is not None
-    calls = 1 if one_step else steps * (2 if cfg > 1 else 1)
-    return Verdict(reading.accuracy(prompts), float(np.mean(reading.pref)), seconds, calls), images
+    return Verdict(reading.accuracy(prompts), float(np.mean(reading.pref)), seconds, model.network_calls), images
 
 
 def markdown(rows: dict[str, dict[str, float]]) -> str:

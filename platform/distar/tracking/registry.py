@@ -1,0 +1,168 @@
+"""The finished generator in the MLflow model registry.
+
+A generator is logged as a pyfunc model whose one artifact is its diffusers folder (with the
+one-step LCM scheduler, `distar.json` and a model card, README.md). Its signature takes rows of
+{prompt, seed?, num_images?} and returns one row per image {prompt, seed, image (PNG bytes)}.
+Each registered version gets alias `candidate`; jobs/promote.py moves `champion`.
+
+`load(uri)` is how evaluation and serving open any model: a registry URI (`models:/name@alias`,
+`models:/name/3`), a run artifact (`runs:/<run id>/generator`), a logged MLflow model folder or a
+plain diffusers folder.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import version as installed
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from distar.config import RunConfig
+from distar.errors import UserError
+from distar.models.sampling import ImageModel
+from distar.tracking import store
+
+ARTIFACT = "generator"  # the model's path in its run
+CANDIDATE, CHAMPION = "candidate", "champion"
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False), ColSpec("long", "num_images", required=False)]),
+    outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("binary", "image")]),
+)
+REQUIREMENTS = ("torch", "diffusers", "transformers", "mlflow", "pillow", "pandas")
+
+
+def png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def expand(prompts: list[str], seeds: list[int], counts: list[int]) -> tuple[list[str], list[int]]:
+    """Requests (prompt, seed, n) -> n images each, with seeds seed, seed+1, ..."""
+    flat = [(p, s + i) for p, s, n in zip(prompts, seeds, counts) for i in range(n)]
+    return [p for p, _ in flat], [s for _, s in flat]
+
+
+class GeneratorModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc face of a pipeline folder: a table of requests in, a table of PNGs out."""
+
+    def load_context(self, context) -> None:
+        self.model = ImageModel(context.artifacts["pipeline"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        n = len(model_input)
+        column = lambda name, default: [int(v) if pd.notna(v) else default for v in model_input.get(name, pd.Series([default] * n))]  # noqa: E731
+        prompts, seeds = expand(list(model_input["prompt"]), column("seed", 0), column("num_images", 1))
+        from distar.images import to_uint8
+
+        images = [png(p) for p in to_uint8(self.model.generate(prompts, seeds))]
+        return pd.DataFrame({"prompt": prompts, "seed": seeds, "image": images})
+
+
+def model_card(cfg: RunConfig, metrics: dict[str, float], t_star: int) -> str:
+    rewards = ", ".join(f"{r.name} (weight {r.weight:g})" for r in cfg.rewards)
+    shown = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()) if not k.startswith("system/"))
+    return f"""---
+library_name: diffusers
+tags: [distar, diff-instruct-star, one-step, text-to-image]
+---
+# {cfg.run.name}: a one-step generator trained with Diff-Instruct*
+
+- Reference: `{store.redact(cfg.model.reference)}` ({cfg.model.family}), initialised from {store.redact(cfg.model.generator_init or 'the reference UNet')}
+- Objective: {cfg.objective.divergence} divergence, alpha {cfg.objective.alpha:g}, CFG {cfg.objective.cfg_scale:g} {cfg.objective.cfg_placement}
+- Rewards: {rewards}
+- Steps: {cfg.run.steps} generator updates of batch {cfg.data.batch_size} per worker x {cfg.cluster.trainer_workers} workers, seed {cfg.run.seed}
+- Sampling: one step at t* = {t_star} (the folder's LCM scheduler with `timesteps=[{t_star}]`, guidance scale 1)
+
+## Last logged metrics
+
+| metric | value |
+| --- | --- |
+{shown}
+"""
+
+
+def register(client: mlflow.MlflowClient, run_id: str, folder: Path, cfg: RunConfig):
+    """Log `folder` into run `run_id` as a pyfunc model, register it under
+    `tracking.registered_model` and point alias `candidate` at the new version."""
+    from distar.models.sampling import one_step_timestep
+
+    metrics = client.get_run(run_id).data.metrics
+    (folder / "README.md").write_text(model_card(cfg, metrics, one_step_timestep(folder)))
+    name = cfg.tracking.registered_model
+    # log_model writes into the active run; no input example, which MLflow would run through the model
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example.*")
+        info = mlflow.pyfunc.log_model(
+            name=ARTIFACT, python_model=str(Path(__file__).with_name("pyfunc_code.py")), artifacts={"pipeline": str(folder)},
+            signature=SIGNATURE, pip_requirements=[f"{p}=={installed(p)}" for p in REQUIREMENTS], registered_model_name=name,
+            await_registration_for=0,
+        )
+    version = info.registered_model_version
+    client.set_registered_model_alias(name, CANDIDATE, str(version))
+    client.set_model_version_tag(name, str(version), "distar.run_name", cfg.run.name)
+    return client.get_model_version(name, str(version))
+
+
+@dataclass
+class Loaded:
+    model: ImageModel
+    uri: str
+    name: str | None = None  # registered model name and version, when loaded from the registry
+    version: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}" if self.version else self.uri
+
+
+def resolve_version(uri: str) -> tuple[str, str]:
+    """`models:/name@alias` or `models:/name/N` -> (name, version), by asking the registry."""
+    body = uri.removeprefix("models:/")
+    client = mlflow.MlflowClient()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return name, client.get_model_version_by_alias(name, alias).version
+        name, _, number = body.rpartition("/")
+        if not name or not number.isdigit():
+            raise UserError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        return name, client.get_model_version(name, number).version
+    except MlflowException as e:
+        raise UserError(f"{uri}: not in the registry at {store.redact(mlflow.get_tracking_uri())} ({e.error_code})") from None
+
+
+def load(uri: str) -> Loaded:
+    """Open any generator location (see the module docstring) as an ImageModel."""
+    from mlflow.exceptions import MlflowException
+
+    name = version = None
+    if uri.startswith("models:/"):
+        name, version = resolve_version(uri)
+        uri = f"models:/{name}/{version}"  # pin the version: an alias may move while we load
+    remote = uri.startswith(("models:/", "runs:/")) or "://" in uri
+    local = Path(uri).expanduser()
+    if not remote and (local / "model_index.json").is_file():
+        return Loaded(ImageModel(local), str(local))
+    if not remote and not (local / "MLmodel").is_file():
+        raise UserError(f"{uri}: not a diffusers pipeline folder, an MLflow model folder, nor a models:/ or runs:/ URI")
+    try:
+        pyfunc = mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as e:
+        raise UserError(f"{uri}: cannot load the model ({str(e).splitlines()[0][:300]})") from None
+    python_model = pyfunc.unwrap_python_model()
+    if not isinstance(python_model, GeneratorModel):
+        raise UserError(f"{uri}: an MLflow model, but not a distar generator ({type(python_model).__name__})")
+    return Loaded(python_model.model, uri, name, version)
+

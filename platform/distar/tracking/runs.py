@@ -1,0 +1,155 @@
+"""One MLflow run per training run: the driver opens it (params, tags, the config) and closes it
+(registering the generator on success, nothing on failure); rank 0 of the trainer writes the
+per-step metrics, the image grids and the system metrics into it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from distar.config import RunConfig
+from distar.tracking import store
+
+ROOT = Path(__file__).resolve().parents[3]  # the checkout, when distar runs from one
+
+
+def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": [1]}} -> {"a.b.0": "1"}, secrets redacted: the run's params."""
+    out: dict[str, str] = {}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for key, value in items:
+        path = f"{prefix}{key}"
+        if isinstance(value, (dict, list)) and value:
+            out.update(flat_params(value, path + "."))
+        else:
+            out[path] = "***" if store.SECRET_NAME.search(str(key)) and value else store.redact(str(value))
+    return out
+
+
+def safe_config(cfg: RunConfig) -> dict:
+    """The config as logged: every string value redacted."""
+    def walk(v):
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return store.redact(v) if isinstance(v, str) else v
+
+    return walk(cfg.model_dump(mode="json"))
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """What rank 0 needs to write into the driver's run, wherever it runs: the server's
+    credentials travel along, never printed."""
+
+    uri: str
+    run_id: str
+    grid_every: int
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+class TrainingRun:
+    """The driver's side. Used as a context manager: an exception ends the run FAILED with the
+    error as a tag, and nothing is registered."""
+
+    def __init__(self, cfg: RunConfig, job_id: str | None = None):
+        import mlflow
+
+        self.cfg, self.uri = cfg, store.tracking_uri(cfg.tracking.mlflow_uri)
+        experiment = store.connect(self.uri, cfg.tracking.experiment)
+        tags = {"distar.kind": "training", "mlflow.source.git.commit": git_commit(), "ray.job_id": job_id,
+                "distar.output_dir": str(Path(cfg.run.output_dir).resolve())}
+        self.client = mlflow.MlflowClient(self.uri)
+        run = self.client.create_run(experiment, run_name=cfg.run.name, tags={k: v for k, v in tags.items() if v})
+        self.run_id = run.info.run_id
+        params = flat_params(cfg.model_dump(mode="json"))
+        names = list(params)
+        for i in range(0, len(names), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, params[k]) for k in names[i : i + 100]])
+        self.client.log_text(self.run_id, yaml.safe_dump(safe_config(cfg), sort_keys=False), "config.yaml")
+
+    @property
+    def target(self) -> RunTarget:
+        return RunTarget(self.uri, self.run_id, self.cfg.tracking.grid_every, {k: os.environ[k] for k in store.CREDENTIALS if k in os.environ})
+
+    def link(self) -> str:
+        """Where a person finds the run."""
+        if self.uri.startswith(("http://", "https://")):
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.client.get_run(self.run_id).info.experiment_id}/runs/{self.run_id}"
+        return f"run {self.run_id} in {store.redact(self.uri)} (browse with `mlflow ui --backend-store-uri {store.redact(self.uri)}`)"
+
+    def register(self, folder: Path):
+        """Log the exported generator as a pyfunc model, register it with alias `candidate`,
+        and end the run FINISHED. Returns the model version."""
+        from distar.tracking import registry
+
+        version = registry.register(self.client, self.run_id, folder, self.cfg)
+        self.client.set_terminated(self.run_id, "FINISHED")
+        return version
+
+    def __enter__(self) -> TrainingRun:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is None:
+            return
+        reason = "interrupted" if issubclass(kind, KeyboardInterrupt) else f"{kind.__name__}: {error}"
+        self.client.set_tag(self.run_id, "distar.error", store.redact(reason)[:5000])
+        self.client.set_terminated(self.run_id, "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
+
+
+class StepLogger:
+    """Rank 0's side: every step's values (sent in batches), grids and system metrics."""
+
+    def __init__(self, target: RunTarget, flush_every: int = 25):
+        import mlflow
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.target, self.flush_every, self.pending = target, flush_every, []
+        os.environ.update(target.credentials)
+        self.client = mlflow.MlflowClient(target.uri)
+        self.system = SystemMetricsMonitor(target.run_id, resume_logging=True, tracking_uri=target.uri)  # MLFLOW_SYSTEM_METRICS_* env vars tune it
+        self.system.start()
+
+    def step(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), stamp, step) for k, v in values.items() if np.isfinite(v)]
+        if step % self.flush_every == 0:
+            self.flush()
+
+    def wants_grid(self, step: int) -> bool:
+        return step % self.target.grid_every == 0
+
+    def grid(self, step: int, pixels: np.ndarray) -> None:
+        """One grid image per call, keyed by step: the MLflow UI shows them on a step slider."""
+        self.client.log_image(self.target.run_id, pixels, key="grid", step=step)
+
+    def text(self, text: str, name: str) -> None:
+        self.client.log_text(self.target.run_id, text, name)
+
+    def flush(self) -> None:
+        for i in range(0, len(self.pending), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.target.run_id, metrics=self.pending[i : i + 1000])
+        self.pending = []
+
+    def close(self) -> None:
+        self.flush()
+        self.system.finish()

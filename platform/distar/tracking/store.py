@@ -1,0 +1,80 @@
+"""Where runs and models go, and what may be written there.
+
+The embedded default needs no server: a sqlite store (`mlflow.db`) and an artifact folder
+(`mlartifacts/`) in the working directory. `tracking.mlflow_uri` in the config, else
+MLFLOW_TRACKING_URI, names a tracking server (or any other MLflow store) instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from urllib.parse import unquote
+
+from distar.errors import UserError
+
+CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+EMBEDDED_DB, EMBEDDED_ARTIFACTS = "mlflow.db", "mlartifacts"
+
+# Userinfo in URIs (scheme://user:password@host) and credential-like query parameters.
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:[\w.-]*(?:token|secret|password|passwd|signature|credential|key)[\w.-]*)=)[^&\s]*")
+SECRET_NAME = re.compile(r"(?i)(token|secret|password|passwd|credential|api_?key|access_?key)")
+
+
+def redact(text: str) -> str:
+    """`text` with credentials in URIs replaced by ***; safe to log, tag or print."""
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub("***@", text))
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """The config's URI, else MLFLOW_TRACKING_URI, else the embedded store in the working
+    directory. Local stores are made absolute: trainer workers run in other directories.
+
+    Credentials written into an http(s) URI move to MLFLOW_TRACKING_USERNAME/PASSWORD (MLflow's
+    own way) and leave the URI, which then appears in links and logs as it is."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(EMBEDDED_DB).resolve()}"
+    found = _USERINFO.search(uri) if uri.startswith(("http://", "https://")) else None
+    if found:
+        user, _, password = found.group(0)[:-1].partition(":")
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(user), unquote(password)
+        uri = uri[: found.start()] + uri[found.end() :]
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    elif "://" not in uri:  # a plain folder: MLflow's file store
+        uri = Path(uri).resolve().as_uri()
+    return uri
+
+
+def connect(uri: str, experiment: str) -> str:
+    """Point this process's MLflow at `uri`, check it answers, and return the experiment's id
+    (created if new; in the embedded store with its artifacts beside the database)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per copied folder is noise in job logs
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if uri.startswith("sqlite:///"):  # else MLflow would put artifacts under the *current* directory
+            location = (Path(uri.removeprefix("sqlite:///")).parent / EMBEDDED_ARTIFACTS).as_uri()
+        return mlflow.create_experiment(experiment, artifact_location=location)
+    except MlflowException as e:
+        raise UserError(f"tracking: MLflow store {redact(uri)} refused experiment {experiment!r}: {redact(str(e).splitlines()[0])}") from None
+
+
+def _check_server(uri: str) -> None:
+    """A wrong server address fails here in seconds, not after MLflow's minutes of retries."""
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+    except requests.RequestException as e:
+        raise UserError(f"tracking.mlflow_uri: no MLflow server answers at {redact(uri)} ({type(e).__name__})") from None
