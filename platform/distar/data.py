@@ -1,5 +1,6 @@
 """Prompt sources: a text file (one prompt a line), a CSV or JSON with a `prompt` column, `toy` (every
-prompt of the shapes world) or `tiny-random`.
+prompt of the shapes world), `tiny-random`, or a Hugging Face dataset (`hf://org/name[:split]`,
+with the `datasets` package and network access).
 
 Prompts are read once at start (a bad source fails before any model loads) and served in a
 seeded, epoch-wise shuffled order addressed by position, so a resumed run sees the same batches.
@@ -29,6 +30,11 @@ def load_prompts(source: str, field: str = "data.prompts") -> list[str]:
         from distar.toy import world
 
         return world.all_prompts()
+    if source.startswith("s3://"):
+        raise PromptError(f"{field}: {source.split('?')[0]!r}: s3:// sources need distar.storage, which is not part of this build yet; "
+                          "copy the file here and pass its path")
+    if source.startswith("hf://"):
+        return _hf_prompts(source.removeprefix("hf://"), field)
     path = Path(source).expanduser()
     if not path.is_file():
         raise PromptError(f"{field}: {source!r} is not a readable file")
@@ -59,6 +65,32 @@ def load_prompts(source: str, field: str = "data.prompts") -> list[str]:
     if not prompts:
         raise PromptError(f"{field}: {source!r} holds no prompts")
     return prompts
+
+
+def _hf_prompts(name: str, field: str) -> list[str]:
+    name, _, split = name.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise PromptError(f"{field}: hf://{name} needs the `datasets` package and network access (pip install datasets); "
+                          "or pass a .txt/.csv/.json file of prompts") from None
+    try:
+        data = datasets.load_dataset(name, split=split or "test")
+    except Exception as e:  # offline, unknown name, gated: one message
+        raise PromptError(f"{field}: cannot load Hugging Face dataset {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    column = next((c for c in ("prompt", "caption", "text") if c in data.column_names), None)
+    if column is None:
+        raise PromptError(f"{field}: Hugging Face dataset {name!r} has no prompt, caption or text column (it has {data.column_names})")
+    prompts = [p.strip() for p in data[column] if isinstance(p, str) and p.strip()]
+    if not prompts:
+        raise PromptError(f"{field}: Hugging Face dataset {name!r} holds no prompts")
+    return prompts
+
+
+def spread(items: list, n: int) -> list:
+    """`n` items evenly spaced over `items` (all of them when there are no more than n): a short
+    evaluation still covers the whole source."""
+    return list(items) if n >= len(items) else [items[i * len(items) // n] for i in range(n)]
 
 
 class PromptSampler:

@@ -87,6 +87,15 @@ def parse_prompt(prompt: str) -> tuple[str, str, str, str]:
     return size, color, shape, position
 
 
+def is_world_prompt(prompt: str) -> bool:
+    """A caption of this world: the reader can judge an image of it."""
+    try:
+        parse_prompt(prompt)
+    except ValueError:
+        return False
+    return True
+
+
 def all_prompts() -> list[str]:
     """Every prompt of the world (2 sizes x 6 colours x 3 shapes x 5 positions = 180)."""
     return [prompt_of(s, c, sh, p) for s in SIZES for c in COLORS for sh in SHAPES for p in POSITIONS]
