@@ -26,17 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # runnable from a bare checkout
 
+from distar.cli import Parser  # noqa: E402
 from distar.errors import UserError  # noqa: E402
 from distar.toy.judge import HELD_OUT_SEED  # noqa: E402  evaluation noise never meets training's seeds
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other bad input
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = Parser(prog="jobs/evaluate.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser("jobs/evaluate.py", __doc__)
     p.add_argument("--model", metavar="URI", action="append", default=[], dest="models",
                    help="a generator to evaluate: models:/NAME@ALIAS, models:/NAME/N, runs:/ID/generator or a folder (repeatable)")
     p.add_argument("--prompts", required=True, metavar="SOURCE", help="prompt source: .txt, .csv/.json with a prompt column, `toy`, hf://ORG/NAME[:SPLIT]")

@@ -18,16 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # runnable from a bare checkout
 
+from distar.cli import Parser  # noqa: E402
 from distar.errors import UserError  # noqa: E402
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other bad input
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = Parser(prog="jobs/promote.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser("jobs/promote.py", __doc__)
     p.add_argument("name", help="registered model name, e.g. distar-generator")
     p.add_argument("version", help="the version to promote, e.g. 3")
     p.add_argument("--alias", default="champion", help="the alias to move (default champion)")

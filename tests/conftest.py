@@ -48,6 +48,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_group(proc, timeout: float, sig: int | None = None) -> None:
+    """End what a test started in its own process group (start_new_session=True): `sig`
+    (SIGTERM by default) to the group, SIGKILL if it is still there after `timeout` s."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, sig or signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class RayCluster:
     """A real single-node Ray cluster: `ray start --head --block` in its own process group."""
 
@@ -87,15 +101,7 @@ class RayCluster:
         raise TimeoutError(f"the Ray head did not answer within {timeout} s")
 
     def stop(self):
-        import signal
-        import subprocess
-
-        os.killpg(self.proc.pid, signal.SIGTERM)  # the head drains for up to 30 s
-        try:
-            self.proc.wait(timeout=45)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_group(self.proc, timeout=45)  # the head drains for up to 30 s
 
 
 @pytest.fixture(scope="session")
@@ -138,15 +144,7 @@ class MlflowServer:
         raise TimeoutError("mlflow server did not answer within 90 s")
 
     def stop(self):
-        import signal
-        import subprocess
-
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_group(self.proc, timeout=20)
 
 
 @pytest.fixture(scope="session")

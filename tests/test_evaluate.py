@@ -91,7 +91,7 @@ def test_evaluate_logs_one_run_per_model_and_a_table_of_ratios_from_the_same_run
     assert evaluated.table.read_text() in evaluated.proc.stdout
     headings, rows = table_rows(text)
     assert len(rows) == 3
-    assert [row[0] for row in rows] == ["reference toy (4 steps, cfg 4.5) (baseline)", f"{NAME} v1", f"{NAME} v2"]
+    assert [row[0] for row in rows] == ["reference toy (4 steps, cfg 4.5) (baseline)", f"{NAME} v1 (toy)", f"{NAME} v2 (toy)"]  # with the training run's name
     keys = {table.HEADINGS.get(k, k.removeprefix("reward/")): k for k in RAW}
     assert set(headings[1:]) == set(keys)
     for row, uri in zip(rows[1:], (f"models:/{NAME}/1", f"models:/{NAME}/2")):
@@ -120,7 +120,7 @@ def test_evaluate_logs_one_run_per_model_and_a_table_of_ratios_from_the_same_run
         assert [i.model_id for i in run.inputs.model_inputs] == [model_id]
         logged = {m.key: m for m in client.get_logged_model(model_id).metrics}
         assert logged["eval/pref"].run_id == run.info.run_id and logged["eval/pref"].value == run.data.metrics["eval/pref"]
-        assert f"MLflow: {NAME} v{v}: http://" in evaluated.proc.stdout and run.info.run_id in evaluated.proc.stdout
+        assert f"MLflow: {NAME} v{v} (toy): http://" in evaluated.proc.stdout and run.info.run_id in evaluated.proc.stdout
 
 
 @pytest.mark.slow

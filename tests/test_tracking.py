@@ -50,7 +50,7 @@ def train_job(cwd, env, *overrides):
 
 def registry_entries(uri: str, name: str) -> dict:
     """What a person checks in the registry and the run behind the `candidate` version."""
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     version = client.get_model_version_by_alias(name, "candidate")
     run = client.get_run(version.run_id)
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
@@ -59,6 +59,7 @@ def registry_entries(uri: str, name: str) -> dict:
 
 def check_generates(uri: str, name: str):
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model(f"models:/{name}@candidate")
     out = model.predict(pd.DataFrame({"prompt": ["a small red circle on the left", "a large blue square on the top"], "seed": [7, 7], "num_images": [2, 1]}))
     assert list(out["seed"]) == [7, 8, 7] and list(out["prompt"])[:2] == ["a small red circle on the left"] * 2
@@ -93,6 +94,7 @@ def test_training_run_is_tracked_and_registered_on_a_tracking_server(mlflow_serv
     assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
     assert e["grid_steps"] == [0, 2, 3]  # before training, every 2 updates, and the end
     mlflow.set_tracking_uri(mlflow_server.uri)
+    mlflow.set_registry_uri(mlflow_server.uri)
     config = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
     assert "divergence: score" in config and SECRET not in config
     card = Path(mlflow.artifacts.download_artifacts("models:/tracked@candidate", dst_path=str(tmp_path / "model"))) / "artifacts" / "generator" / "README.md"

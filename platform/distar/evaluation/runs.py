@@ -11,6 +11,7 @@ from pathlib import Path
 
 from distar.evaluation.subjects import Subject
 from distar.tracking import store
+from distar.tracking.runs import end_with_error, git_commit, run_link
 
 KIND = "evaluation"
 TAG_KIND, TAG_ID, TAG_URI = "distar.kind", "distar.evaluation_id", "distar.model_uri"
@@ -41,8 +42,6 @@ class EvaluationRuns:
                                                    name=Path(prompt_source).name or prompt_source)
 
     def start(self, subject: Subject) -> str:
-        from distar.tracking.runs import git_commit
-
         tags = {TAG_KIND: KIND, TAG_ID: self.evaluation_id, TAG_URI: store.redact(subject.uri), TAG_MODEL: subject.name,
                 TAG_VERSION: subject.version, "distar.training_run": subject.training_run, "mlflow.source.git.commit": git_commit()}
         run = self.client.create_run(self.experiment_id, run_name=f"eval {subject.label}", tags={k: v for k, v in tags.items() if v})
@@ -80,20 +79,15 @@ class EvaluationRuns:
                 self.client.set_model_version_tag(s.name, s.version, TAG_ID, self.evaluation_id)
 
     def link(self, run_id: str) -> str:
-        if self.uri.startswith(("http://", "https://")):
-            return store.redact(f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}")
-        return f"run {run_id} in {store.redact(self.uri)}"
+        return run_link(self.uri, self.experiment_id, run_id)
 
     def __enter__(self) -> EvaluationRuns:
         return self
 
     def __exit__(self, kind, error, tb) -> None:
-        if kind is None:
-            return
-        reason = "interrupted" if issubclass(kind, KeyboardInterrupt) else f"{kind.__name__}: {error}"
-        for run_id in self.open_runs:
-            self.client.set_tag(run_id, "distar.error", store.redact(reason)[:5000])
-            self.client.set_terminated(run_id, "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
+        if kind is not None:
+            for run_id in self.open_runs:
+                end_with_error(self.client, run_id, kind, error)
 
 
 def evaluation_runs(client, name: str, version: str) -> list:

@@ -39,7 +39,8 @@ def model_subject(uri: str, steps: int, cfg: float) -> Subject:
         mv = mlflow.MlflowClient().get_model_version(name, version)
         model_id = getattr(mv, "model_id", None) or (mv.source.removeprefix("models:/") if (mv.source or "").startswith("models:/m-") else None)
         pinned = f"models:/{name}/{version}"  # an alias may move while we work
-        return Subject(uri, f"{name} v{version}", lambda: _open(pinned, steps, cfg), name, version, model_id, mv.run_id)
+        trained_as = f" ({mv.tags['distar.run_name']})" if mv.tags.get("distar.run_name") else ""  # the training run's name
+        return Subject(uri, f"{name} v{version}{trained_as}", lambda: _open(pinned, steps, cfg), name, version, model_id, mv.run_id)
     if uri.startswith("runs:/"):
         return Subject(uri, uri, lambda: _open(uri, steps, cfg), training_run=uri.removeprefix("runs:/").split("/", 1)[0])
     path = Path(uri).expanduser()

@@ -53,6 +53,20 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a person finds a run: its page on a tracking server, or how to browse a local store."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"run {run_id} in {store.redact(uri)} (browse with `mlflow ui --backend-store-uri {store.redact(uri)}`)"
+
+
+def end_with_error(client, run_id: str, kind: type[BaseException], error: BaseException) -> None:
+    """End a run KILLED (Ctrl-C) or FAILED, with the error as the `distar.error` tag."""
+    interrupted = issubclass(kind, KeyboardInterrupt)
+    client.set_tag(run_id, "distar.error", "interrupted" if interrupted else store.redact(f"{kind.__name__}: {error}")[:5000])
+    client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
+
+
 @dataclass(frozen=True)
 class RunTarget:
     """What rank 0 needs to write into the driver's run, wherever it runs: the server's
@@ -89,10 +103,7 @@ class TrainingRun:
         return RunTarget(self.uri, self.run_id, self.cfg.tracking.grid_every, {k: os.environ[k] for k in store.CREDENTIALS if k in os.environ})
 
     def link(self) -> str:
-        """Where a person finds the run."""
-        if self.uri.startswith(("http://", "https://")):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self.client.get_run(self.run_id).info.experiment_id}/runs/{self.run_id}"
-        return f"run {self.run_id} in {store.redact(self.uri)} (browse with `mlflow ui --backend-store-uri {store.redact(self.uri)}`)"
+        return run_link(self.uri, self.client.get_run(self.run_id).info.experiment_id, self.run_id)
 
     def register(self, folder: Path):
         """Log the exported generator as a pyfunc model, register it with alias `candidate`,
@@ -107,11 +118,8 @@ class TrainingRun:
         return self
 
     def __exit__(self, kind, error, tb) -> None:
-        if kind is None:
-            return
-        reason = "interrupted" if issubclass(kind, KeyboardInterrupt) else f"{kind.__name__}: {error}"
-        self.client.set_tag(self.run_id, "distar.error", store.redact(reason)[:5000])
-        self.client.set_terminated(self.run_id, "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
+        if kind is not None:
+            end_with_error(self.client, self.run_id, kind, error)
 
 
 class StepLogger:
