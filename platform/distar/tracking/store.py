@@ -54,7 +54,7 @@ def connect(uri: str, experiment: str) -> str:
     from mlflow.exceptions import MlflowException
 
     if uri.startswith(("http://", "https://")):
-        _check_server(uri)
+        check_server(uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per copied folder is noise in job logs
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -70,7 +70,7 @@ def connect(uri: str, experiment: str) -> str:
         raise UserError(f"tracking: MLflow store {redact(uri)} refused experiment {experiment!r}: {redact(str(e).splitlines()[0])}") from None
 
 
-def _check_server(uri: str) -> None:
+def check_server(uri: str) -> None:
     """A wrong server address fails here in seconds, not after MLflow's minutes of retries."""
     import requests
 
