@@ -9,6 +9,7 @@ its own noise seed, so an image does not depend on the batch it was generated in
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,17 @@ import torch
 from torch import Tensor
 
 from distar.errors import UserError
+
+
+class _StartsAtTStar(logging.Filter):
+    """LCM's scheduler warns at every call that a schedule starting at t* < T-1 is unusual: for a
+    one-step generator it is the point. Other warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("The first timestep on the custom timestep schedule")
+
+
+logging.getLogger("diffusers.schedulers.scheduling_lcm").addFilter(_StartsAtTStar())
 
 
 def one_step_timestep(folder: str | Path) -> int | None:
