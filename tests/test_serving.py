@@ -110,14 +110,14 @@ class ServeRun:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, mlflow_server, register_toy_generator):
     """A generator registered as NAME with alias champion, served by `serve run` of a copy of
-    jobs/configs/serve.yaml (a free port, this registry) on a Ray cluster of this module's own."""
+    cluster_configs/serve.yaml (a free port, this registry) on a Ray cluster of this module's own."""
     root = tmp_path_factory.mktemp("serving")
     cluster = RayCluster(root)
     run = None
     try:
         version = register_toy_generator(mlflow_server.uri, f"tracking.registered_model={NAME}")
         mlflow.MlflowClient(mlflow_server.uri).set_registered_model_alias(NAME, "champion", version.version)
-        config = yaml.safe_load((ROOT / "jobs/configs/serve.yaml").read_text())
+        config = yaml.safe_load((ROOT / "cluster_configs/serve.yaml").read_text())
         port = free_port()
         config["http_options"]["port"] = port
         config["applications"][0]["args"].update(model=f"models:/{NAME}@champion", tracking_uri=mlflow_server.uri)

@@ -2,7 +2,7 @@
 
     serve run distar.serving:app model=models:/distar-generator@champion [tracking_uri=URI] \
         [num_replicas=1] [num_cpus=1] [num_gpus=0] [max_batch_size=8] [batch_wait_timeout_s=0.01]
-    serve run jobs/configs/serve.yaml          # the same as a Serve config file
+    serve run cluster_configs/serve.yaml          # the same as a Serve config file
 
 `app(args)` is the application builder both forms call. `model` is any location
 `distar.tracking.registry.load` opens (`models:/name@alias`, `models:/name/N`, `runs:/...`, an
