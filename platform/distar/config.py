@@ -170,7 +170,7 @@ def _format(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
+def set_path(tree: dict, dotted: str, value: Any) -> None:
     """Set `a.b.0.c` inside nested dicts/lists, creating dicts for missing keys."""
     keys = dotted.split(".")
     node: Any = tree
@@ -230,7 +230,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     tree = _merge(RunConfig().model_dump(mode="json"), tree)
     for text in overrides:
         key, value = parse_override(text)
-        _set_path(tree, key, value)
+        set_path(tree, key, value)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:

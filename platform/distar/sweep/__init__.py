@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over a run config: the space file (`space`)."""
