@@ -16,12 +16,10 @@ import numpy as np
 ACCURACIES = ("size", "color", "shape", "position", "all")
 
 
-def cpu_memory_method() -> str:
-    return "peak process RSS rise above the RSS before generating (weights excluded), sampled every 2 ms"
-
-
 def memory_method(device: str) -> str:
-    return "CUDA max_memory_allocated while generating (weights included)" if str(device).startswith("cuda") else cpu_memory_method()
+    if str(device).startswith("cuda"):
+        return "CUDA max_memory_allocated while generating (weights included)"
+    return "peak process RSS rise above the RSS before generating (weights excluded), sampled every 2 ms"
 
 
 def release_freed_memory() -> None:

@@ -20,6 +20,13 @@ from distar.tracking import store
 ROOT = Path(__file__).resolve().parents[3]  # the checkout, when distar runs from one
 
 
+def _redacted(key: object, value: object) -> object:
+    """A config leaf as logged: *** under a secret-like name, credentials in URIs redacted."""
+    if store.SECRET_NAME.search(str(key)) and value:
+        return "***"
+    return store.redact(value) if isinstance(value, str) else value
+
+
 def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
     """{"a": {"b": [1]}} -> {"a.b.0": "1"}, secrets redacted: the run's params."""
     out: dict[str, str] = {}
@@ -29,20 +36,20 @@ def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, (dict, list)) and value:
             out.update(flat_params(value, path + "."))
         else:
-            out[path] = "***" if store.SECRET_NAME.search(str(key)) and value else store.redact(str(value))
+            out[path] = str(_redacted(key, value))
     return out
 
 
 def safe_config(cfg: RunConfig) -> dict:
-    """The config as logged: every string value redacted."""
-    def walk(v):
+    """The config as logged in config.yaml, redacted by the same rule as the params."""
+    def walk(key, v):
         if isinstance(v, dict):
-            return {k: walk(x) for k, x in v.items()}
+            return {k: walk(k, x) for k, x in v.items()}
         if isinstance(v, list):
-            return [walk(x) for x in v]
-        return store.redact(v) if isinstance(v, str) else v
+            return [walk(key, x) for x in v]
+        return _redacted(key, v)
 
-    return walk(cfg.model_dump(mode="json"))
+    return walk("", cfg.model_dump(mode="json"))
 
 
 def git_commit() -> str | None:
@@ -142,9 +149,6 @@ class StepLogger:
         self.pending += [Metric(k, float(v), stamp, step) for k, v in values.items() if np.isfinite(v)]
         if step % self.flush_every == 0:
             self.flush()
-
-    def wants_grid(self, step: int) -> bool:
-        return step % self.target.grid_every == 0
 
     def grid(self, step: int, pixels: np.ndarray) -> None:
         """One grid image per call, keyed by step: the MLflow UI shows them on a step slider."""
