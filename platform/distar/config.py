@@ -33,6 +33,7 @@ class RunSection(Section):
     steps: int = Field(1000, ge=1, description="Generator updates to run.")
     output_dir: str = Field("runs/toy", min_length=1, description="Folder for checkpoints, grids and the exported generator.")
     log_every: int = Field(50, ge=1, description="Print a step line every N generator updates.")
+    validate_every: int = Field(100, ge=1, description="Score the generator on the validation prompts every N updates (and after the last); logged and reported to Tune as val/*.")
     checkpoint_every: int = Field(250, ge=1, description="Checkpoint both networks, optimiser states, step and RNG every N updates (and at the end).")
     max_consecutive_skips: int = Field(10, ge=1, description="Stop the run (keeping a checkpoint) after this many updates in a row skipped for a non-finite loss or reward.")
 
@@ -90,6 +91,8 @@ class OptimSection(Section):
 class DataSection(Section):
     prompts: Source = Field("toy", description="Prompt source: .txt (one a line), .csv/.json with a `prompt` column, `toy` (the shapes world) or `tiny-random`.")
     batch_size: int = Field(8, ge=1, description="Prompts per generator update per trainer worker.")
+    validation_prompts: str | None = Field(None, min_length=1, description="Validation prompt source (as data.prompts); default: data.prompts. Its noise is not drawn in training.")
+    validation_size: int = Field(32, ge=0, description="Validation prompts, spread over the validation source; 0 turns validation off.")
 
 
 class PoolSpec(Section):

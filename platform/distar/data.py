@@ -93,6 +93,15 @@ def spread(items: list, n: int) -> list:
     return list(items) if n >= len(items) else [items[i * len(items) // n] for i in range(n)]
 
 
+def validation_prompts(prompts: str, validation: str | None, size: int) -> list[str]:
+    """The run's fixed validation set: `size` prompts spread over the validation source (default:
+    the training source)."""
+    if size == 0:
+        return []
+    field = "data.validation_prompts" if validation else "data.prompts"
+    return spread(load_prompts(validation or prompts, field), size)
+
+
 class PromptSampler:
     """Batch k of a run is a pure function of (seed, k): resuming needs only the step."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray.train
@@ -28,6 +28,7 @@ from distar.images import grid, save_png
 from distar.models.diffusion import export_generator
 from distar.roles import from_config, outputs
 from distar.roles.trainer import Shard, TrainerStep
+from distar.roles.validation import Validation
 
 STATE_FILE = "trainer_state.json"
 
@@ -40,6 +41,8 @@ class Progress:
     applied: int = 0  # of which applied; the rest were skipped
     skipped_in_a_row: int = 0
     rng: list[int] | None = None  # the noise generator's state
+    validations: int = 0  # validations since training began: Tune's scheduler counts time in them
+    validation: dict[str, float] = field(default_factory=dict)  # the latest val/* values, in every report
 
 
 def train_loop(config: dict) -> None:
@@ -71,8 +74,12 @@ def train_loop(config: dict) -> None:
     sample = lambda: outputs.sample_images(generator, parts, latent_shape, shown, cfg.run.seed)  # noqa: E731
     steps = cfg.run.steps
     record = outputs.RunRecord(config["tracking"] if rank == 0 else None, shown, sample, cfg.tracking.grid_every, steps)
+    validation = Validation(cfg, parts, latent_shape, clients.score_rewards if rank == 0 else None)
     try:
         before = record.grid(0) if progress.step == 0 else None
+        if progress.step == 0 and validation.enabled:  # the starting point, and val/* in every report Tune sees
+            progress.validation = validation(generator)
+            record.validated(0, progress.validation)
         line = outputs.StepLine(progress.step, steps)
         while progress.step < steps:
             start = time.perf_counter()
@@ -87,6 +94,11 @@ def train_loop(config: dict) -> None:
                 if progress.step % cfg.run.log_every == 0 or progress.step == steps:
                     print(line(progress.step, values), flush=True)
             record.step(progress.step, values, seconds, samples)
+            if validation.due(progress.step):
+                progress.validation, progress.validations = validation(generator), progress.validations + 1
+                record.validated(progress.step, progress.validation)
+                if rank == 0:
+                    print(outputs.validation_line(progress.step, progress.validation), flush=True)
             stop = progress.skipped_in_a_row >= cfg.run.max_consecutive_skips
             # `stopped` reaches the driver, which fails the run with a clear message (raising here
             # would count as a worker failure and restart the workers into the same non-finite state).
@@ -94,10 +106,12 @@ def train_loop(config: dict) -> None:
             if rank == 0:
                 with (out / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(values) + "\n")
+            # Only rank 0's report reaches the driver and Tune; every rank reports at the same steps (a barrier).
+            report = {**values, **progress.validation, "validations": progress.validations}
             if stop or progress.step % cfg.run.checkpoint_every == 0 or progress.step == steps:
-                _save(gen_engine, fake_engine, progress, rng, values)
-            elif progress.step % cfg.run.log_every == 0:
-                ray.train.report(values)  # a barrier on every rank: the same cadence everywhere
+                _save(gen_engine, fake_engine, progress, rng, report)
+            elif progress.step % cfg.run.log_every == 0 or validation.due(progress.step):
+                ray.train.report(report)
             if stop:
                 return
         after = record.grid(steps)
@@ -117,7 +131,7 @@ def _save(gen_engine, fake_engine, progress: Progress, rng: torch.Generator, val
         gen_engine.save_checkpoint(d, tag="generator")
         fake_engine.save_checkpoint(d, tag="fake_score")
         if ray.train.get_context().get_world_rank() == 0:
-            state = Progress(progress.step, progress.applied, progress.skipped_in_a_row, rng.get_state().tolist())
+            state = Progress(progress.step, progress.applied, progress.skipped_in_a_row, rng.get_state().tolist(), progress.validations, progress.validation)
             (Path(d) / STATE_FILE).write_text(json.dumps(asdict(state)))
         ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(d))
 

@@ -105,6 +105,18 @@ class Judges:
         return out
 
 
+def load_reader(prompts: Sequence[str]):
+    """The shapes-world reader when every prompt is the shapes world's, else None."""
+    from distar.toy import world
+
+    if not prompts or not all(world.is_world_prompt(p) for p in prompts):
+        return None
+    from distar.toy import assets
+    from distar.toy.reader import Reader
+
+    return Reader.load(assets.path("reader"))
+
+
 def load_judges(cfg, prompts: Sequence[str], device: str = "cpu") -> Judges:
     """The run config's reward models (on `device`), and the toy reader when the prompts are the
     shapes world's."""
@@ -114,15 +126,7 @@ def load_judges(cfg, prompts: Sequence[str], device: str = "cpu") -> Judges:
 
     rewards = {r.name: load_reward(r.name, sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source")).to(device).eval()
                for i, r in enumerate(cfg.rewards)}
-    reader = None
-    from distar.toy import world
-
-    if all(world.is_world_prompt(p) for p in prompts):
-        from distar.toy import assets
-        from distar.toy.reader import Reader
-
-        reader = Reader.load(assets.path("reader"))
-    return Judges(rewards, reader, device)
+    return Judges(rewards, load_reader(prompts), device)
 
 
 def measure_model(model, prompts: list[str], seed: int, judges: Judges, diversity_prompts: int = 16, device: str = "cpu") -> tuple[dict[str, float], object]:

@@ -19,6 +19,7 @@ from distar.images import grid, save_png
 from distar.models.diffusion import DiffusionParts, export_generator
 from distar.roles import from_config, outputs
 from distar.roles.trainer import Ready, TrainerStep
+from distar.roles.validation import Validation
 from distar.tracking.runs import RunTarget
 
 
@@ -54,7 +55,10 @@ def train(cfg: RunConfig, tracking: RunTarget | None = None, log: Callable[[str]
     sample = lambda: outputs.sample_images(run.trainer.generator, run.parts, run.trainer.latent_shape, shown, cfg.run.seed)  # noqa: E731
     steps = cfg.run.steps
     record = outputs.RunRecord(tracking, shown, sample, cfg.tracking.grid_every, steps)
+    validation = Validation(cfg, run.parts, run.trainer.latent_shape, run.trainer.score_rewards)
     before = record.grid(0)
+    if validation.enabled:
+        record.validated(0, validation(run.trainer.generator))
     rng = torch.Generator().manual_seed(cfg.run.seed)
     line = outputs.StepLine(0, steps)
     for step in range(1, steps + 1):
@@ -63,6 +67,10 @@ def train(cfg: RunConfig, tracking: RunTarget | None = None, log: Callable[[str]
         record.step(step, metrics, time.perf_counter() - start, cfg.data.batch_size)
         if step % cfg.run.log_every == 0 or step == steps:
             log(line(step, metrics))
+        if validation.due(step):
+            values = validation(run.trainer.generator)
+            record.validated(step, values)
+            log(outputs.validation_line(step, values))
     save_png(grid(torch.cat([before, record.grid(steps)]), columns=len(shown)), out / "before_after.png", scale=4)
     record.close()
     folder = export_generator(run.trainer.generator, run.parts.folder, out / "generator")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from distar.data import spread
 from distar.images import grid
 from distar.models.diffusion import DiffusionParts, OneStepGenerator
 from distar.tracking.runs import RunTarget, StepLogger
@@ -16,16 +17,23 @@ GRID_SIZE = 8  # prompts (columns) in the before/after grid
 
 
 def grid_prompts(prompts: list[str]) -> list[str]:
-    """GRID_SIZE prompts spread over the prompt list."""
-    return [prompts[i * len(prompts) // GRID_SIZE] for i in range(min(GRID_SIZE, len(prompts)))]
+    return spread(prompts, GRID_SIZE)
+
+
+@torch.no_grad()
+def one_step_latents(generator: OneStepGenerator, conditioner, latent_shape: tuple[int, int, int], prompts: list[str], seed: int,
+                     chunk: int) -> torch.Tensor:
+    """The generator's x0 latents for fixed prompts and the noise of `seed`, `chunk` prompts a forward."""
+    z = torch.randn(len(prompts), *latent_shape, generator=torch.Generator().manual_seed(seed))
+    device = next(generator.parameters()).device
+    return torch.cat([generator(z[i : i + chunk].to(device), conditioner(prompts[i : i + chunk])) for i in range(0, len(prompts), chunk)])
 
 
 @torch.no_grad()
 def sample_images(generator: OneStepGenerator, parts: DiffusionParts, latent_shape: tuple[int, int, int], prompts: list[str], seed: int) -> torch.Tensor:
     """The generator's images for fixed prompts and noise, decoded to [0, 1]."""
-    z = torch.randn(len(prompts), *latent_shape, generator=torch.Generator().manual_seed(seed))
-    device = next(generator.parameters()).device
-    return parts.decode(generator(z.to(device), parts.conditioner(prompts)).to(parts.vae.dtype)).cpu()
+    x0 = one_step_latents(generator, parts.conditioner, latent_shape, prompts, seed, len(prompts))
+    return parts.decode(x0.to(parts.vae.dtype)).cpu()
 
 
 def _eta(seconds: float) -> str:
@@ -43,6 +51,10 @@ class StepLine:
         rate = (done - self.first) / (time.perf_counter() - self.start)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         return f"step {done}/{self.steps} | {shown} | {rate:.2f} step/s | ETA {_eta((self.steps - done) / rate)}"
+
+
+def validation_line(step: int, values: dict[str, float]) -> str:
+    return f"validation at step {step} | " + " ".join(f"{k.removeprefix('val/')}={v:.4g}" for k, v in values.items())
 
 
 class RunRecord:
@@ -69,6 +81,12 @@ class RunRecord:
             self.logger.step(step, {**values, "samples_per_s": samples / seconds})
         if step % self.every == 0 and step != self.last:  # the last step's grid is the final one
             self.grid(step)
+
+    def validated(self, step: int, values: dict[str, float]) -> None:
+        """Sent at once with everything before it: Tune's scheduler may stop the run on these values."""
+        if self.logger is not None:
+            self.logger.step(step, values)
+            self.logger.flush()
 
     def close(self) -> None:
         if self.logger is not None:

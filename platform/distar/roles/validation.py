@@ -1,0 +1,65 @@
+"""Validation: the generator on a fixed prompt set with noise never used in training, scored by
+the run's own reward models (through the reward pool on Ray) and, in the shapes world, by the
+toy reader: its pref and its alignment accuracy against the prompt. Rewards alone can be hacked;
+the reader's accuracy shows when alignment pays for it. The val/* values go to MLflow and to
+Tune, whose scheduler stops trials and whose sweep picks the best one by them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from distar.config import RunConfig
+from distar.data import validation_prompts
+from distar.evaluation.measure import ACCURACIES, Judges, load_reader
+from distar.models.diffusion import DiffusionParts, OneStepGenerator
+from distar.roles.outputs import one_step_latents
+from distar.roles.reward_worker import RewardResult
+from distar.roles.trainer import Pending
+from distar.toy.judge import HELD_OUT_SEED
+
+PREFIX = "val/"
+ScoreRewards = Callable[[torch.Tensor, list[str]], Pending[RewardResult]]
+
+
+def metric_names(cfg: RunConfig) -> list[str]:
+    """The val/* metrics a run of `cfg` reports (the reader's only in the shapes world)."""
+    names = [f"{PREFIX}reward/{r.name}" for r in cfg.rewards]
+    prompts = validation_prompts(cfg.data.prompts, cfg.data.validation_prompts, cfg.data.validation_size)
+    if load_reader(prompts[:1]) is not None and cfg.model.resolution == Judges.reader_size:
+        names += [f"{PREFIX}pref"] + [f"{PREFIX}acc/{k}" for k in ACCURACIES]
+    return names if prompts else []
+
+
+class Validation:
+    """`validation(generator)` runs the generator on every rank (ZeRO-3 forwards are collective)
+    and returns the val/* values where it can score (`score_rewards` given: rank 0), else {}."""
+
+    def __init__(self, cfg: RunConfig, parts: DiffusionParts, latent_shape: tuple[int, int, int], score_rewards: ScoreRewards | None):
+        self.prompts = validation_prompts(cfg.data.prompts, cfg.data.validation_prompts, cfg.data.validation_size)
+        self.every, self.last, self.chunk = cfg.run.validate_every, cfg.run.steps, cfg.data.batch_size  # a chunk fits the pools' batches
+        self.parts, self.latent_shape, self.score_rewards = parts, latent_shape, score_rewards
+        self.reader = Judges(reader=load_reader(self.prompts)) if score_rewards is not None else None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prompts)
+
+    def due(self, step: int) -> bool:
+        """After update `step`: every run.validate_every updates and after the last (the runs also validate before the first)."""
+        return self.enabled and (step % self.every == 0 or step == self.last)
+
+    def __call__(self, generator: OneStepGenerator) -> dict[str, float]:
+        x0 = one_step_latents(generator, self.parts.conditioner, self.latent_shape, self.prompts, HELD_OUT_SEED, self.chunk)
+        if self.score_rewards is None:
+            return {}
+        pieces = [(x0[i : i + self.chunk], self.prompts[i : i + self.chunk]) for i in range(0, len(x0), self.chunk)]
+        pending = [self.score_rewards(x.detach(), p) for x, p in pieces]  # all in flight at once
+        results = [p.result().rewards for p in pending]
+        values = {f"{PREFIX}reward/{name}": float(torch.cat([r[name] for r in results]).float().mean()) for name in results[0]}
+        with torch.no_grad():
+            images = self.parts.decode(x0.to(self.parts.vae.dtype)).float().cpu()
+        values.update({f"{PREFIX}{k}": v for k, v in self.reader.score(images, self.prompts).items()})
+        return values

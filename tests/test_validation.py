@@ -1,0 +1,66 @@
+"""Validation: a fixed prompt set with noise training never draws, scored through the same reward
+worker that trains (the pool on Ray) and, in the shapes world, by the reader."""
+
+import math
+
+import pytest
+import torch
+
+from distar.config import load_config
+from distar.data import validation_prompts
+from distar.evaluation.measure import load_judges
+from distar.roles import in_process
+from distar.roles.outputs import one_step_latents
+from distar.roles.validation import Validation, metric_names
+from distar.toy.judge import HELD_OUT_SEED
+
+
+def test_the_validation_set_is_spread_over_its_source(tmp_path):
+    assert validation_prompts("toy", None, 4) == validation_prompts("toy", None, 4)  # fixed
+    assert len(set(validation_prompts("toy", None, 32))) == 32
+    (tmp_path / "val.txt").write_text("one\ntwo\nthree\n")
+    assert validation_prompts("toy", str(tmp_path / "val.txt"), 32) == ["one", "two", "three"]
+    assert validation_prompts("toy", None, 0) == []
+
+
+def test_metric_names_follow_the_rewards_and_the_world(tmp_path):
+    cfg = load_config()
+    assert metric_names(cfg)[:2] == ["val/reward/pickscore", "val/reward/clip_score"]
+    assert {"val/pref", "val/acc/all", "val/acc/color"} <= set(metric_names(cfg))
+    (tmp_path / "val.txt").write_text("a photo of a cat\n")
+    assert metric_names(load_config(None, [f"data.validation_prompts={tmp_path / 'val.txt'}"])) == ["val/reward/pickscore", "val/reward/clip_score"]
+    assert metric_names(load_config(None, ["data.validation_size=0"])) == []
+
+
+def test_validation_scores_what_the_judges_score_directly():
+    """Rewards through the reward worker (latents in, chunked like the pools' batches) equal the
+    reward models on the decoded images; the reader's values come with them."""
+    cfg = load_config(None, ["data.validation_size=10", "data.batch_size=4"])
+    run = in_process.build(cfg)
+    validation = Validation(cfg, run.parts, run.trainer.latent_shape, run.trainer.score_rewards)
+    values = validation(run.trainer.generator)
+    prompts = validation_prompts(cfg.data.prompts, None, 10)
+    x0 = one_step_latents(run.trainer.generator, run.parts.conditioner, run.trainer.latent_shape, prompts, HELD_OUT_SEED, 10)
+    with torch.no_grad():
+        direct = load_judges(cfg, prompts).score(run.parts.decode(x0), prompts)
+    assert sorted(values) == sorted(metric_names(cfg))
+    for key, value in direct.items():
+        assert values[f"val/{key}"] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert all(math.isfinite(v) for v in values.values())
+
+
+def test_an_in_process_run_validates_before_every_n_updates_and_at_the_end(tmp_path):
+    import mlflow
+
+    from distar.tracking.runs import TrainingRun
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.steps=5", "run.validate_every=2", "data.batch_size=2",
+                             "data.validation_size=4", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db"])
+    lines = []
+    with TrainingRun(cfg) as tracked:
+        in_process.train(cfg, tracked.target, log=lines.append)
+        tracked.finish()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [m.step for m in client.get_metric_history(tracked.run_id, "val/pref")] == [0, 2, 4, 5]
+    assert [m.step for m in client.get_metric_history(tracked.run_id, "val/reward/pickscore")] == [0, 2, 4, 5]
+    assert sum(line.startswith("validation at step") for line in lines) == 3  # the start is logged to MLflow only
