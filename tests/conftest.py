@@ -76,7 +76,9 @@ class RayCluster:
         bin_dir = str(Path(sys.executable).parent)
         # Token auth as Ray 2.60 sets it up by default, with a token of this cluster's own.
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-                    "DISTAR_CACHE": str(root / "cache"), "RAY_metrics_report_interval_ms": "1000", "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": ""}
+                    "DISTAR_CACHE": str(root / "cache"), "RAY_metrics_report_interval_ms": "1000",
+                    "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": "",
+                    "RAY_API_SERVER_ADDRESS": self.dashboard}  # not the address file of whichever cluster started last
         self.proc = subprocess.Popen(
             [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--num-cpus=4", "--disable-usage-stats",

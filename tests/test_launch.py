@@ -7,9 +7,10 @@ from distar.config import load_config
 def test_local_paths_become_absolute_and_built_in_names_stay(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts.txt").write_text("a prompt\n")
+    (tmp_path / "held_out.txt").write_text("another prompt\n")
     (tmp_path / "toy").mkdir()  # a folder named like a built-in source must not capture it
-    cfg = local_paths_made_absolute(load_config(None, ["data.prompts=prompts.txt", "run.output_dir=runs/x"]))
-    assert cfg.data.prompts == str(tmp_path / "prompts.txt")
+    cfg = local_paths_made_absolute(load_config(None, ["data.prompts=prompts.txt", "data.validation_prompts=held_out.txt", "run.output_dir=runs/x"]))
+    assert cfg.data.prompts == str(tmp_path / "prompts.txt") and cfg.data.validation_prompts == str(tmp_path / "held_out.txt")
     assert cfg.run.output_dir == str(tmp_path / "runs" / "x")
     assert cfg.model.reference == "toy" and [r.source for r in cfg.rewards] == ["toy", "toy"]
 
@@ -17,3 +18,4 @@ def test_local_paths_become_absolute_and_built_in_names_stay(tmp_path, monkeypat
 def test_cpus_needed_counts_every_role():
     cfg = load_config(None, ["cluster.trainer_workers=2", "cluster.reward_pool.replicas=3", "cluster.reference_pool.num_cpus=2"])
     assert cpus_needed(cfg) == 2 * 1.0 + 3 * 0.5 + 1 * 2.0
+    assert cpus_needed(cfg, trials=3) == 3 * 2 * 1.0 + 3 * 0.5 + 1 * 2.0  # a sweep's concurrent trials each bring their trainers

@@ -61,6 +61,12 @@ BAD = [
     ({"scheduler": {"metric": "val/pref", "kind": "hyperband"}}, "space error: scheduler.kind: expected one of asha, fifo"),
     ({"select": {"mode": "best"}}, "space error: select.mode: expected one of max, min"),
     ({"trials": 4}, "space error: trials: unknown section"),
+    ({"parameters": {"rewards.0.source": {"choice": ["toy", "tiny-random"]}}}, "space error: parameters.rewards.0.source: every trial shares this field"),
+    ({"parameters": {"model.reference": {"choice": ["toy"]}}}, "space error: parameters.model.reference: every trial shares this field"),
+    ({"parameters": {"cluster.trainer_workers": {"choice": [1, 2]}}}, "space error: parameters.cluster.trainer_workers: every trial shares this field"),
+    ({"scheduler": {"metric": "val/reward/hpsv2"}},
+     "space error: scheduler.metric: val/reward/hpsv2 is not reported by this run config (it reports val/reward/pickscore, val/reward/clip_score, val/pref"),
+    ({"select": {"metric": "val/acc/colour"}}, "space error: select.metric: val/acc/colour is not reported"),
 ]
 
 
@@ -80,6 +86,19 @@ def test_unreadable_space_files(tmp_path):
         load_space(tmp_path / "broken.yaml")
 
 
+def test_metrics_are_checked_against_what_the_base_config_reports(tmp_path):
+    """The reader's metrics exist only in the shapes world; no validation, no metric at all."""
+    space = write(GOOD, tmp_path)
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\na watercolour of a harbour\n")
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"data": {"prompts": str(tmp_path / "prompts.txt")}, "rewards": [{"name": "pickscore", "source": "toy"}]}))
+    with pytest.raises(SpaceError, match=r"scheduler.metric: val/pref is not reported by this run config \(it reports val/reward/pickscore\)"):
+        load_space(space, base)
+    base.write_text(yaml.safe_dump({"data": {"validation_size": 0}}))
+    with pytest.raises(SpaceError, match=r"scheduler.metric: val/pref needs validation, which the run config turns off"):
+        load_space(space, base)
+
+
 def test_paths_are_checked_against_the_base_config(tmp_path):
     """rewards.1 exists in the default config (two rewards), not in a base with one."""
     base = tmp_path / "one_reward.yaml"
@@ -88,3 +107,17 @@ def test_paths_are_checked_against_the_base_config(tmp_path):
     assert "rewards.1.weight" in load_space(space).parameters
     with pytest.raises(SpaceError, match="space error: parameters.rewards.1.weight: no such field"):
         load_space(space, base)
+
+
+def test_optuna_suggests_values_inside_the_space(tmp_path):
+    """The Optuna searcher the sweep builds, asked for trials as Tune asks it, stays in range."""
+    from distar.sweep.runner import _search
+
+    space = load_space(write({"search": {"algorithm": "optuna", "seed": 3}, "scheduler": {"metric": "val/pref"},
+                              "parameters": {"objective.alpha": {"loguniform": [0.3, 3.0]}, "objective.cfg_scale": {"choice": [3.0, 6.0]}}}, tmp_path))
+    searcher = _search(space, 2)
+    assert searcher.set_search_properties("val/pref", "max", space.param_space())
+    suggested = [searcher.suggest(f"t{i}") for i in range(3)]
+    assert suggested[2] is None  # at most 2 in flight
+    for config in suggested[:2]:
+        assert 0.3 <= config["objective.alpha"] <= 3.0 and config["objective.cfg_scale"] in (3.0, 6.0)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,10 @@ from distar.errors import UserError
 KINDS = ("grid", "choice", "uniform", "loguniform")
 ALGORITHMS = ("random", "grid", "optuna")
 SCHEDULERS = ("asha", "fifo")
-METRIC_PREFIX = "val/"  # what the trainer reports on the held-out prompts
+METRIC_PREFIX = "val/"  # what the trainer reports on the validation prompts
+# Fields every trial shares: the pools' models (one set of pools serves all trials), the
+# cluster, the tracking target and the names the sweep gives each trial.
+SHARED = re.compile(r"^(model\.(family|reference|num_train_timesteps|resolution|dtype)|rewards\.\d+\.(name|source)|cluster\.|tracking\.|run\.(name|output_dir)$)")
 
 
 class SpaceError(UserError):
@@ -68,6 +73,12 @@ class Space:
     reduction_factor: int
     select_metric: str
     select_mode: str
+
+    @property
+    def trials(self) -> int:
+        """Trials the sweep runs: every grid combination, num_samples times."""
+        grids = [len(d.values) for d in self.parameters.values() if d.kind == "grid"]
+        return self.num_samples * math.prod(grids)
 
     def param_space(self) -> dict:
         """Tune's param_space: run-config paths to Tune distributions."""
@@ -132,16 +143,26 @@ def _distribution(path: str, spec: Any) -> Distribution:
     return Distribution(kind, (low, high))
 
 
-def _check_against_config(path: str, dist: Distribution, base: str | Path | None, leaves: set[str]) -> None:
+def _check_against_config(path: str, dist: Distribution, base: str | Path | None, overrides: list[str], leaves: set[str]) -> None:
     """The path names a field of the base config, and every value it can take validates there."""
     if path not in leaves:
         raise _fail(f"parameters.{path}", "no such field in the run config" + _near(path, leaves))
     for value in dist.values:
         try:
-            load_config(base, [f"{path}={json.dumps(value)}"])
+            load_config(base, [*overrides, f"{path}={json.dumps(value)}"])
         except ConfigError as e:
             reason = str(e).splitlines()[0].removeprefix("config error: ")
             raise _fail(f"parameters.{path}.{dist.kind}", f"{value!r} is not a valid value ({reason})") from None
+
+
+def _check_reported(metric: str, entry: str, cfg: RunConfig) -> None:
+    from distar.roles.validation import metric_names
+
+    names = metric_names(cfg)
+    if not names:
+        raise _fail(entry, f"{metric} needs validation, which the run config turns off (data.validation_size is 0)")
+    if metric not in names:
+        raise _fail(entry, f"{metric} is not reported by this run config (it reports {', '.join(names)})")
 
 
 def _near(path: str, leaves: set[str]) -> str:
@@ -159,8 +180,8 @@ def _leaves(tree: Any, prefix: str = "") -> set[str]:
     return {prefix.rstrip(".")}
 
 
-def load_space(path: str | Path, base: str | Path | None = None) -> Space:
-    """Parse and check a space file against the base run config (a YAML path, or the default)."""
+def load_space(path: str | Path, base: str | Path | None = None, overrides: list[str] = ()) -> Space:
+    """Parse and check a space file against the base run config (a YAML path, or the default, with `overrides`)."""
     p = Path(path)
     if not p.is_file():
         raise _fail("--space", f"{p}: no such file")
@@ -179,15 +200,20 @@ def load_space(path: str | Path, base: str | Path | None = None) -> Space:
     scheduler = _section(tree, "scheduler", {"kind", "metric", "mode", "grace_period", "reduction_factor"})
     metric, mode = _metric(scheduler, "scheduler", None), _choice(scheduler, "scheduler", "mode", "max", ("max", "min"))
     select = _section(tree, "select", {"metric", "mode"})
+    select_metric, select_mode = _metric(select, "select", metric), _choice(select, "select", "mode", mode, ("max", "min"))
 
     raw = tree.get("parameters")
     if not isinstance(raw, dict) or not raw:
         raise _fail("parameters", "expected a mapping of run-config paths to distributions, with at least one entry")
     parameters = {str(k): _distribution(str(k), v) for k, v in raw.items()}
-    base_cfg = load_config(base)  # a bad base config fails as a config error, before the space
+    base_cfg = load_config(base, overrides)  # a bad base config fails as a config error, before the space
     leaves = _leaves(base_cfg.model_dump(mode="json"))
     for path, dist in parameters.items():
-        _check_against_config(path, dist, base, leaves)
+        if SHARED.match(path):
+            raise _fail(f"parameters.{path}", "every trial shares this field (the pools' models, the cluster, tracking, the trial names): set it in the run config")
+        _check_against_config(path, dist, base, overrides, leaves)
+    _check_reported(metric, "scheduler.metric", base_cfg)
+    _check_reported(select_metric, "select.metric", base_cfg)
 
     kinds = {d.kind for d in parameters.values()}
     if algorithm == "grid" and kinds != {"grid"}:
@@ -205,7 +231,7 @@ def load_space(path: str | Path, base: str | Path | None = None) -> Space:
         seed=_int(search, "search", "seed", 0, 0),
         scheduler=_choice(scheduler, "scheduler", "kind", "asha", SCHEDULERS), metric=metric, mode=mode,
         grace_period=_int(scheduler, "scheduler", "grace_period", 1, 1), reduction_factor=_int(scheduler, "scheduler", "reduction_factor", 2, 2),
-        select_metric=_metric(select, "select", metric), select_mode=_choice(select, "select", "mode", mode, ("max", "min")),
+        select_metric=select_metric, select_mode=select_mode,
     )
 
 

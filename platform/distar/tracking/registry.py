@@ -30,6 +30,7 @@ from distar.models.sampling import ImageModel
 from distar.tracking import store
 
 ARTIFACT = "generator"  # the model's path in its run
+MODEL_URI_TAG = "distar.model_uri"  # where a run's logged generator is
 CANDIDATE, CHAMPION = "candidate", "champion"
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False), ColSpec("long", "num_images", required=False)]),
@@ -91,26 +92,39 @@ tags: [distar, diff-instruct-star, one-step, text-to-image]
 """
 
 
-def register(client: mlflow.MlflowClient, run_id: str, folder: Path, cfg: RunConfig):
-    """Log `folder` into run `run_id` as a pyfunc model, register it under
-    `tracking.registered_model` and point alias `candidate` at the new version."""
+def log_generator(client: mlflow.MlflowClient, run_id: str, folder: Path, cfg: RunConfig) -> str:
+    """Log `folder` into run `run_id` as a pyfunc model (with a model card); returns its model URI,
+    also kept as the run's `distar.model_uri` tag."""
     from distar.models.sampling import one_step_timestep
 
     metrics = client.get_run(run_id).data.metrics
     (folder / "README.md").write_text(model_card(cfg, metrics, one_step_timestep(folder)))
-    name = cfg.tracking.registered_model
     # log_model writes into the active run; no input example, which MLflow would run through the model
     with mlflow.start_run(run_id=run_id, log_system_metrics=False), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example.*")
         info = mlflow.pyfunc.log_model(
             name=ARTIFACT, python_model=str(Path(__file__).with_name("pyfunc_code.py")), artifacts={"pipeline": str(folder)},
-            signature=SIGNATURE, pip_requirements=[f"{p}=={installed(p)}" for p in REQUIREMENTS], registered_model_name=name,
-            await_registration_for=0,
+            signature=SIGNATURE, pip_requirements=[f"{p}=={installed(p)}" for p in REQUIREMENTS],
         )
-    version = info.registered_model_version
+    client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
+    return info.model_uri
+
+
+def register_logged(client: mlflow.MlflowClient, model_uri: str, cfg: RunConfig):
+    """Register a logged generator under `tracking.registered_model` and point alias `candidate`
+    at the new version. Returns the model version."""
+    name = cfg.tracking.registered_model
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*await_registration_for.*")
+        version = mlflow.register_model(model_uri, name, await_registration_for=0).version
     client.set_registered_model_alias(name, CANDIDATE, str(version))
     client.set_model_version_tag(name, str(version), "distar.run_name", cfg.run.name)
     return client.get_model_version(name, str(version))
+
+
+def register(client: mlflow.MlflowClient, run_id: str, folder: Path, cfg: RunConfig):
+    """Log `folder` into run `run_id` and register it with alias `candidate`."""
+    return register_logged(client, log_generator(client, run_id, folder, cfg), cfg)
 
 
 @dataclass

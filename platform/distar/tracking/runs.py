@@ -89,19 +89,24 @@ class TrainingRun:
     """The driver's side. Used as a context manager: an exception ends the run FAILED with the
     error as a tag, and nothing is registered."""
 
-    def __init__(self, cfg: RunConfig, job_id: str | None = None):
+    def __init__(self, cfg: RunConfig, job_id: str | None = None, kind: str = "training", tags: dict[str, str] | None = None,
+                 run_id: str | None = None):
+        """`kind` and `tags` mark sweeps and their trials; `run_id` reopens a run (a resumed sweep's)."""
         import mlflow
 
         self.cfg, self.uri = cfg, store.tracking_uri(cfg.tracking.mlflow_uri)
         experiment = store.connect(self.uri, cfg.tracking.experiment)
-        tags = {"distar.kind": "training", "mlflow.source.git.commit": git_commit(), "ray.job_id": job_id,
-                "distar.output_dir": str(Path(cfg.run.output_dir).resolve())}
+        tags = {"distar.kind": kind, "mlflow.source.git.commit": git_commit(), "ray.job_id": job_id,
+                "distar.output_dir": str(Path(cfg.run.output_dir).resolve()), **(tags or {})}
         self.client = mlflow.MlflowClient(self.uri)
-        run = self.client.create_run(experiment, run_name=cfg.run.name, tags={k: v for k, v in tags.items() if v})
-        self.run_id = run.info.run_id
+        if run_id is None:
+            run_id = self.client.create_run(experiment, run_name=cfg.run.name, tags={k: v for k, v in tags.items() if v}).info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
         params = flat_params(cfg.model_dump(mode="json"))
         names = list(params)
-        for i in range(0, len(names), 100):  # MLflow takes at most 100 params per batch
+        for i in range(0, len(names), 100):  # MLflow takes at most 100 params per batch (the same values again on reopening)
             self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, params[k]) for k in names[i : i + 100]])
         self.client.log_text(self.run_id, yaml.safe_dump(safe_config(cfg), sort_keys=False), "config.yaml")
 
@@ -118,8 +123,11 @@ class TrainingRun:
         from distar.tracking import registry
 
         version = registry.register(self.client, self.run_id, folder, self.cfg)
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self.finish()
         return version
+
+    def finish(self) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED")
 
     def __enter__(self) -> TrainingRun:
         return self

@@ -1,0 +1,64 @@
+"""Sweep a run's reward weights, divergence coefficient, CFG scale (any run-config field) with Ray Tune.
+
+    python jobs/sweep.py --config RUN.yaml --space SPACE.yaml [--set a.b=VALUE ...]
+    ray job submit --working-dir . -- python jobs/sweep.py --config RUN.yaml --space SPACE.yaml
+
+Each trial is a full training run on Ray Train (the base config with the trial's values), tracked
+as a child of the sweep's MLflow run; one set of reward and reference pools serves every trial.
+The space file (see jobs/configs/toy_sweep.yaml) chooses the distributions, the search
+algorithm, the early-stopping scheduler on a validation metric and the selection rule. The
+sweep writes results.md, results.csv and pareto.png into run.output_dir and to MLflow, and
+registers the selected trial's generator with alias `candidate`. The same command on the same
+run.output_dir resumes an interrupted sweep. Bad input exits with status 2 and one line, before
+anything starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # runnable from a bare checkout
+
+from distar.cli import Parser  # noqa: E402
+from distar.config import load_config  # noqa: E402
+from distar.data import load_prompts, validation_prompts  # noqa: E402
+from distar.errors import RunFailed, UserError  # noqa: E402
+from distar.roles import from_config  # noqa: E402
+from distar.sweep.space import load_space  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser("jobs/sweep.py", __doc__)
+    p.add_argument("--config", metavar="FILE", help="the base run config YAML; default: the embedded default run")
+    p.add_argument("--space", metavar="FILE", required=True, help="the sweep's space file (e.g. jobs/configs/toy_sweep.yaml)")
+    p.add_argument("--set", metavar="PATH=VALUE", action="append", default=[], dest="overrides", help="override a base-config field (repeatable)")
+    p.add_argument("--pools-per-trial", action="store_true", help="every trial starts its own pools instead of sharing one set (the baseline of bench/sweep_sharing.py)")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        space = load_space(args.space, args.config, args.overrides)
+        load_prompts(cfg.data.prompts)
+        validation_prompts(cfg.data.prompts, cfg.data.validation_prompts, cfg.data.validation_size)
+        from_config.check_sources(cfg)
+        from distar.sweep.runner import sweep
+
+        result = sweep(cfg, space, Path(args.space).read_text(), shared_pools=not args.pools_per_trial)
+        v = result.version
+        print(f"selected trial {result.chosen.trial_id}; registered {v.name} version {v.version} (alias candidate): models:/{v.name}@candidate")
+        print(f"results: {result.table}, {result.plot}")
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e or 'pools shut down'}; the same command resumes the sweep", file=sys.stderr)
+        return 130
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except UserError as e:
+        text = str(e)
+        print(text if text.startswith(("config error:", "space error:")) else f"config error: {text}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

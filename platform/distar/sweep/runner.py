@@ -1,0 +1,222 @@
+"""The sweep driver: join or start a cluster, open the sweep's MLflow run, start one set of pools
+for every trial, run the trials with Tune (search algorithm, scheduler and concurrency from the
+space file and the cluster), then write the results table and the Pareto plot, and register the
+selected trial's generator with alias `candidate`.
+
+The sweep's folder (the base config's run.output_dir) holds Tune's experiment state and every
+trial's checkpoints: the same command on the same folder resumes an interrupted sweep, trials
+from their last checkpoints, into the same MLflow runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray import tune
+
+from distar.cluster import launch
+from distar.config import RunConfig
+from distar.errors import RunFailed, UserError
+from distar.sweep import results
+from distar.sweep.space import Space
+from distar.sweep.trial import TrialSetup, child_run, run_trial, trial_config
+from distar.tracking.runs import TrainingRun, end_with_error
+
+STATE_FILE = "sweep.json"  # the sweep's MLflow run, for resuming into it
+TRIALS_FILE = "trials.json"  # every trial's end state, written by Tune at the experiment's end
+DRIVER_CPU = 0.1  # each trial's function only drives its Ray Train run; the trainer workers hold the real resources
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the sweep before every trial ended; running it again resumes it."""
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    outcomes: list[results.Outcome]
+    chosen: results.Outcome | None
+    version: object | None  # the registered model version
+    table: Path
+    plot: Path
+
+
+def _needs(cfg: RunConfig, shared_pools: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """(what the sweep holds once, what each running trial holds): pools shared or one set a trial."""
+    pools, trial = launch.pool_resources(cfg), launch.trainer_resources(cfg)
+    trial["CPU"] += DRIVER_CPU
+    if shared_pools:
+        return pools, trial
+    return {"CPU": 0.0, "GPU": 0.0}, {k: trial[k] + pools[k] for k in trial}
+
+
+def concurrency(cfg: RunConfig, space: Space, resources: dict[str, float], shared_pools: bool = True) -> int:
+    """Trials that run at once: as many as the cluster holds beside the pools, each with all its
+    trainer workers (no trial waits on another for CPUs or GPUs), at most the space's cap."""
+    once, trial = _needs(cfg, shared_pools)
+    room = [int((resources.get(k, 0.0) - once[k]) // trial[k] + 1e-9) for k in ("CPU", "GPU") if trial[k] > 0]
+    if min(room) < 1:
+        raise UserError(f"cluster: {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs leave no room for one trial "
+                        f"({trial['CPU']:g} CPUs, {trial['GPU']:g} GPUs) beside the shared pools ({once['CPU']:g} CPUs, {once['GPU']:g} GPUs)")
+    return min(min(room), space.max_concurrent or space.trials, space.trials)
+
+
+def validations_per_trial(cfg: RunConfig) -> int:
+    """How many validations a full trial reports (ASHA's time unit): every validate_every steps and after the last."""
+    return math.ceil(cfg.run.steps / cfg.run.validate_every)
+
+
+def _search(space: Space, n: int):
+    """The search algorithm, holding at most `n` trials in flight."""
+    if space.algorithm == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(metric=space.metric, mode=space.mode, seed=space.seed), max_concurrent=n)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=space.seed, max_concurrent=n)
+
+
+def _scheduler(cfg: RunConfig, space: Space):
+    """ASHA counts time in validations. Its rungs stop short of a trial's last validation: a trial
+    that reached its last step finishes (exports and logs its generator) and competes in the selection."""
+    if space.scheduler == "fifo":
+        return tune.schedulers.FIFOScheduler()
+    last_rung = validations_per_trial(cfg) - 1
+    if space.grace_period > last_rung:
+        raise UserError(f"space error: scheduler.grace_period: {space.grace_period}, but ASHA can stop a trial only after validations 1 to {last_rung} "
+                        f"(run.steps {cfg.run.steps} / run.validate_every {cfg.run.validate_every} makes {last_rung + 1}); lower it or validate more often")
+    return tune.schedulers.ASHAScheduler(time_attr="validations", metric=space.metric, mode=space.mode, max_t=last_rung, stop_last_trials=False,
+                                         grace_period=space.grace_period, reduction_factor=space.reduction_factor)
+
+
+class _Ledger(tune.Callback):
+    """Writes every trial's end state (Tune's status, its last report, its error) to a file when
+    the experiment ends. Tune keeps this callback with the experiment, so a resumed sweep writes
+    there too, with the trials finished before the interruption."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_experiment_end(self, trials, **info):
+        rows = [{"trial_id": t.trial_id, "status": t.status, "config": dict(t.config),
+                 "last": {k: v for k, v in (t.last_result or {}).items() if isinstance(v, (int, float, str, bool))},
+                 "error": str(t.get_error()).strip().splitlines()[-1] if t.status == "ERROR" and t.get_error() else None}
+                for t in trials]
+        self.path.write_text(json.dumps(rows, indent=1))
+
+
+def _outcomes(path: Path, cfg: RunConfig, client, parent_run_id: str) -> list[results.Outcome]:
+    """One Outcome per trial, its child run ended to match (a trial Tune stopped or interrupted
+    could not end its own run)."""
+    out = []
+    for trial in sorted(json.loads(path.read_text()) if path.is_file() else [], key=lambda t: t["trial_id"]):
+        last, trial_id = trial["last"], trial["trial_id"]
+        status = results.status_of(trial["status"], last, cfg.run.steps, trial["error"] is not None)
+        run_id = child_run(client, parent_run_id, trial_id)
+        run = client.get_run(run_id) if run_id else None
+        message = (run.data.tags.get("distar.error") if run else None) or trial["error"]
+        if run is not None and run.info.status == "RUNNING":
+            if status == results.STOPPED:
+                client.set_tag(run_id, "distar.stopped", f"stopped early by the scheduler at step {last.get('step')} "
+                               f"after {last.get('validations')} validations")
+                client.set_terminated(run_id, "KILLED")
+            else:
+                end_with_error(client, run_id, KeyboardInterrupt if status == results.INTERRUPTED else RuntimeError, RuntimeError(message))
+        metrics = {k: float(v) for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        out.append(results.Outcome(trial_id, status, trial["config"], metrics, run_id, message))
+    return out
+
+
+def _tuner(cfg: RunConfig, space: Space, setup: TrialSetup, folder: Path, n: int) -> tune.Tuner:
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": DRIVER_CPU})
+    run_config = tune.RunConfig(name="tune", storage_path=str(folder), callbacks=[_Ledger(folder / TRIALS_FILE)], verbose=1,
+                                failure_config=tune.FailureConfig(max_failures=0))  # a failed trial stays failed; Ray Train retries its workers
+    if tune.Tuner.can_restore(folder / "tune"):
+        return tune.Tuner.restore(str(folder / "tune"), trainable, resume_unfinished=True, restart_errored=False)
+    tune_config = tune.TuneConfig(num_samples=space.num_samples, search_alg=_search(space, n), scheduler=_scheduler(cfg, space),
+                                  trial_dirname_creator=lambda t: t.trial_id)
+    return tune.Tuner(trainable, param_space=space.param_space(), tune_config=tune_config, run_config=run_config)
+
+
+def sweep(cfg: RunConfig, space: Space, space_text: str, log: Callable[[str], None] = print, shared_pools: bool = True) -> SweepResult:
+    """Run the sweep (see the module docstring). shared_pools=False gives every trial its own
+    pools, started and stopped by the trial: the baseline that bench/sweep_sharing.py measures."""
+    import ray
+
+    from distar.cluster.pools import Pools
+    from distar.tracking import registry
+
+    cfg = launch.local_paths_made_absolute(cfg)
+    folder = Path(cfg.run.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = folder / STATE_FILE
+    earlier = json.loads(state.read_text())["parent_run_id"] if state.is_file() and tune.Tuner.can_restore(folder / "tune") else None
+    started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    local_trials = min(space.max_concurrent or 1, space.trials)  # what a local instance makes room for
+    once, trial = _needs(cfg, shared_pools)
+    log(f"Ray dashboard: {launch.connect(cfg, once['CPU'] + local_trials * trial['CPU'])}")
+    pools = None
+    try:
+        n = concurrency(cfg, space, ray.cluster_resources(), shared_pools)
+        with TrainingRun(cfg, launch.job_id(), kind="sweep", run_id=earlier) as parent:
+            state.write_text(json.dumps({"parent_run_id": parent.run_id}))
+            parent.client.log_text(parent.run_id, space_text, "space.yaml")
+            log(f"MLflow: {parent.link()}" + (" (resumed)" if earlier else ""))
+            log(f"{space.trials} trials, {n} at a time; " + ("starting the shared reward and reference pools (Ray Serve)" if shared_pools else "each with its own pools"))
+            pools = Pools.start(cfg, launch.WORKER_ENV) if shared_pools else None
+            setup = TrialSetup(cfg.model_dump(mode="json"), pools, parent.run_id, launch.job_id())
+            (folder / TRIALS_FILE).unlink(missing_ok=True)
+            _tuner(cfg, space, setup, folder, n).fit()
+            outcomes = _outcomes(folder / TRIALS_FILE, cfg, parent.client, parent.run_id)
+            if any(o.status == results.INTERRUPTED for o in outcomes) or not outcomes:
+                raise SweepInterrupted(f"the sweep stopped before every trial ended; run the same command again to resume it from {folder}")
+            return _conclude(cfg, space, parent, outcomes, folder, registry, log)
+    finally:
+        if pools is not None:
+            pools.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+def _conclude(cfg: RunConfig, space: Space, parent: TrainingRun, outcomes: list[results.Outcome], folder: Path, registry, log) -> SweepResult:
+    from distar.roles.validation import metric_names
+
+    metrics = metric_names(cfg)
+    rule = f"best final {space.select_metric} ({space.select_mode}) among completed trials"
+    chosen = results.best(outcomes, space.select_metric, space.select_mode)
+    table = folder / "results.md"
+    table.write_text(results.markdown(outcomes, list(space.parameters), metrics, chosen, rule))
+    (folder / "results.csv").write_text(results.to_csv(outcomes, list(space.parameters), metrics))
+    alignment = "val/acc/all" if "val/acc/all" in metrics else ("val/reward/clip_score" if "val/reward/clip_score" in metrics else None)
+    reward = metrics[0]  # the first configured reward
+    plot = results.pareto_png(outcomes, reward, alignment if alignment != reward else None, chosen, folder / "pareto.png")
+    for path in (table, folder / "results.csv", plot):
+        parent.client.log_artifact(parent.run_id, str(path))
+    counts = {s: sum(o.status == s for o in outcomes) for s in (results.COMPLETED, results.STOPPED, results.FAILED)}
+    parent.client.log_batch(parent.run_id, metrics=[_metric(f"trials/{s.replace(' ', '_')}", c) for s, c in counts.items()])
+    log(table.read_text())
+    if chosen is None:
+        raise RunFailed(f"no trial completed with a finite {space.select_metric}: nothing registered (see {table})")
+    trial_cfg = trial_config(cfg.model_dump(mode="json"), chosen.params, chosen.trial_id)
+    model_uri = parent.client.get_run(chosen.run_id).data.tags[registry.MODEL_URI_TAG]
+    version = registry.register_logged(parent.client, model_uri, trial_cfg)
+    parent.client.set_tag(parent.run_id, "distar.selected_trial", chosen.trial_id)
+    parent.client.set_tag(parent.run_id, "distar.selection_rule", rule)
+    parent.client.log_batch(parent.run_id, metrics=[_metric(f"best/{space.select_metric}", chosen.metrics[space.select_metric])])
+    parent.finish()
+    return SweepResult(parent.run_id, outcomes, chosen, version, table, plot)
+
+
+def _metric(key: str, value: float):
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
