@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # runnable from a bare checkout
 
-from distar.cli import Parser  # noqa: E402
+from distar.cli import Parser, exit_status  # noqa: E402
 from distar.errors import UserError  # noqa: E402
 from distar.toy.judge import HELD_OUT_SEED  # noqa: E402  evaluation noise never meets training's seeds
 
@@ -126,13 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         with tracked:
             table = evaluate(rows, baseline, prompts, args.seed, judges, tracked, notes, k, device, log=lambda line: print(line, flush=True))
-    except KeyboardInterrupt:
-        print("interrupted: unfinished evaluation runs are marked KILLED", file=sys.stderr)
-        return 130
-    except UserError as e:
-        text = str(e)
-        print(text if text.startswith(("config error:", "error:")) else f"error: {text}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, UserError) as e:
+        return exit_status(e, "unfinished evaluation runs are marked KILLED", prefix="error:")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)
     print()

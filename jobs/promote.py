@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # runnable from a bare checkout
 
-from distar.cli import Parser  # noqa: E402
+from distar.cli import Parser, exit_status  # noqa: E402
 from distar.errors import UserError  # noqa: E402
 
 
@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         moved = f"from v{current} " if current else ""
         print(f"moved {args.alias} {moved}to {name} v{version}: models:/{name}@{args.alias}")
     except UserError as e:
-        text = str(e)
-        print(text if text.startswith(("config error:", "error:")) else f"error: {text}", file=sys.stderr)
-        return 2
+        return exit_status(e, "", prefix="error:")
     return 0
 
 

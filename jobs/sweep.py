@@ -20,10 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # runnable from a bare checkout
 
-from distar.cli import Parser  # noqa: E402
+from distar.cli import Parser, exit_status  # noqa: E402
 from distar.config import load_config  # noqa: E402
-from distar.data import load_prompts, validation_prompts  # noqa: E402
-from distar.errors import RunFailed, UserError  # noqa: E402
+from distar.errors import UserError  # noqa: E402
 from distar.roles import from_config  # noqa: E402
 from distar.sweep.space import load_space  # noqa: E402
 
@@ -38,25 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         space = load_space(args.space, args.config, args.overrides)
-        load_prompts(cfg.data.prompts)
-        validation_prompts(cfg.data.prompts, cfg.data.validation_prompts, cfg.data.validation_size)
-        from_config.check_sources(cfg)
+        from_config.check_inputs(cfg)
         from distar.sweep.runner import sweep
 
         result = sweep(cfg, space, Path(args.space).read_text(), shared_pools=not args.pools_per_trial)
         v = result.version
         print(f"selected trial {result.chosen.trial_id}; registered {v.name} version {v.version} (alias candidate): models:/{v.name}@candidate")
         print(f"results: {result.table}, {result.plot}")
-    except KeyboardInterrupt as e:
-        print(f"interrupted: {e or 'pools shut down'}; the same command resumes the sweep", file=sys.stderr)
-        return 130
-    except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except UserError as e:
-        text = str(e)
-        print(text if text.startswith(("config error:", "space error:")) else f"config error: {text}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, UserError) as e:
+        return exit_status(e, "pools shut down; the same command resumes the sweep")
     return 0
 
 

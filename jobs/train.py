@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # runnable from a bare checkout
 
+from distar.cli import exit_status  # noqa: E402
 from distar.config import load_config, to_yaml  # noqa: E402
-from distar.data import load_prompts  # noqa: E402
-from distar.errors import RunFailed, UserError  # noqa: E402
+from distar.errors import UserError  # noqa: E402
 from distar.roles import from_config  # noqa: E402
 
 
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        load_prompts(cfg.data.prompts)  # an unreadable prompt source or model fails here, before anything starts
-        from_config.check_sources(cfg)
+        from_config.check_inputs(cfg)  # an unreadable prompt source or model fails here, before anything starts
         if cfg.model.reference == "tiny-random":  # say so: these numbers mean nothing
             print("note: model.reference is `tiny-random`: untrained tiny models; "
                   "the numbers show the machinery works, not image quality.")
@@ -58,16 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"MLflow: {tracked.link()}", flush=True)
             version = tracked.register(train(cfg, tracked.target))
         print(f"registered {version.name} version {version.version} (alias candidate): models:/{version.name}@candidate")
-    except KeyboardInterrupt:
-        print("interrupted: pools shut down; the run resumes from its last checkpoint when started again", file=sys.stderr)
-        return 130
-    except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except UserError as e:
-        text = str(e)
-        print(text if text.startswith("config error:") else f"config error: {text}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, UserError) as e:
+        return exit_status(e, "pools shut down; the run resumes from its last checkpoint when started again")
     return 0
 
 

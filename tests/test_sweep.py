@@ -158,3 +158,5 @@ def test_an_interrupted_sweep_resumes_into_the_same_runs(ray_cluster, mlflow_ser
     assert len(trials) == 2 and {r.info.status for r in trials} == {"FINISHED"}
     steps = [m.step for m in client.get_metric_history(first.info.run_id, "reward/pickscore")]
     assert steps == list(range(1, 21))  # the finished trial was not run again
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=ray_cluster.run_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "holds a finished sweep" in done.stderr.strip().splitlines()[-1]  # nothing registered twice

@@ -54,6 +54,7 @@ def test_smoke_run_trains_and_exports_a_one_step_pipeline(tmp_path, mode):
         (["--set", "nonsense=1"], "config error: nonsense"),
         (["--config", "no/such.yaml"], "config error: --config"),
         (["--set", "data.prompts=/no/such/prompts.txt"], "config error: data.prompts"),
+        (["--set", "data.validation_prompts=/no/such/held_out.txt"], "config error: data.validation_prompts"),
         (["--set", "model.reference=/no/such/model"], "config error: model.reference"),
     ],
 )

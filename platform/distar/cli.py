@@ -4,6 +4,9 @@ every other bad input."""
 from __future__ import annotations
 
 import argparse
+import sys
+
+from distar.errors import RunFailed
 
 
 class Parser(argparse.ArgumentParser):
@@ -12,3 +15,20 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+PREFIXES = ("config error:", "space error:", "error:")  # messages that already say what kind of error they are
+
+
+def exit_status(error: BaseException, interrupted: str, prefix: str = "config error:") -> int:
+    """Print a job's last line for `error` and return its exit status: 130 after Ctrl-C (with
+    `interrupted` unless the error says more), 1 for a run that started and failed, 2 for bad input."""
+    if isinstance(error, KeyboardInterrupt):
+        print(f"interrupted: {str(error) or interrupted}", file=sys.stderr)
+        return 130
+    if isinstance(error, RunFailed):
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    text = str(error)
+    print(text if text.startswith(PREFIXES) else f"{prefix} {text}", file=sys.stderr)
+    return 2

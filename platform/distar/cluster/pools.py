@@ -77,6 +77,12 @@ class ReferenceDenoiser:
         return results
 
 
+def start_serve() -> None:
+    """Serve without an HTTP proxy: only handles reach the pools. A sweep starts it from its driver,
+    where the controller lands outside every trial's placement group."""
+    serve.start(proxy_location="Disabled")
+
+
 @dataclass
 class Pools:
     """The Serve apps a run (or a sweep) started; handles pickle into Ray Train workers."""
@@ -88,7 +94,7 @@ class Pools:
     @classmethod
     def start(cls, cfg: RunConfig, env: dict[str, str]) -> Pools:
         """Deploy both pools (replicas get `env`) and wait until every replica has loaded its models."""
-        serve.start(proxy_location="Disabled")  # no HTTP proxy: only handles reach the pools
+        start_serve()
         tag = f"distar-{cfg.run.name}-{uuid.uuid4().hex[:6]}"
         payload = cfg.model_dump(mode="json")
         names, handles = (f"{tag}-rewards", f"{tag}-reference"), []

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from distar.config import RunConfig
+from distar.data import load_prompts, validation_prompts
 from distar.models import sources
 from distar.models.diffusion import Denoiser, DiffusionParts, OneStepGenerator, decode_latents, load_parts, load_vae
 from distar.rewards import load_reward
@@ -29,8 +30,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DISTAR_CACHE", Path.home() / ".cache" / "distar"))
 
 
-def check_sources(cfg: RunConfig) -> None:
-    """Fail on a model source that cannot work, before anything starts (nothing is downloaded)."""
+def check_inputs(cfg: RunConfig) -> None:
+    """Fail on a prompt or model source that cannot work, before anything starts (nothing is downloaded)."""
+    validation_prompts(cfg.data.prompts, cfg.data.validation_prompts, cfg.data.validation_size)
+    load_prompts(cfg.data.prompts)
     m = cfg.model
     sources.resolve(m.reference, m.family, cache_dir(), "model.reference", fetch=False)
     if m.generator_init is not None:

@@ -110,7 +110,8 @@ def pareto_png(outcomes: list[Outcome], reward: str, alignment: str | None, chos
         ax.set_xlabel(f"{other} ({'higher' if direction == 'max' else 'lower'} is better)")
         ax.set_ylabel(f"{reward} (higher is better)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle("sweep trials: last validation (divergence: last training step)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

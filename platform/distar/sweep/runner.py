@@ -28,7 +28,8 @@ from distar.sweep.trial import TrialSetup, child_run, run_trial, trial_config
 from distar.tracking.runs import TrainingRun, end_with_error
 
 STATE_FILE = "sweep.json"  # the sweep's MLflow run, for resuming into it
-TRIALS_FILE = "trials.json"  # every trial's end state, written by Tune at the experiment's end
+TRIALS_FILE = "trials.json"  # every trial's last state, written when Tune's experiment ends
+ENDED_FILE = "trials_ended.jsonl"  # the trials that ended (not interrupted), appended as they do
 DRIVER_CPU = 0.1  # each trial's function only drives its Ray Train run; the trainer workers hold the real resources
 
 
@@ -96,27 +97,50 @@ def _scheduler(cfg: RunConfig, space: Space):
                                          grace_period=space.grace_period, reduction_factor=space.reduction_factor)
 
 
-class _Ledger(tune.Callback):
-    """Writes every trial's end state (Tune's status, its last report, its error) to a file when
-    the experiment ends. Tune keeps this callback with the experiment, so a resumed sweep writes
-    there too, with the trials finished before the interruption."""
+def _error_line(trial) -> str | None:
+    """The last line of the trial's error as Tune wrote it (the exception, after its traceback)."""
+    path = Path(trial.error_file) if trial.error_file else None
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()] if path and path.is_file() else []
+    return lines[-1] if lines else None
 
-    def __init__(self, path: Path):
-        self.path = path
+
+def _trial_row(trial, status: str) -> dict:
+    return {"trial_id": trial.trial_id, "status": status, "config": dict(trial.config),
+            "last": {k: v for k, v in (trial.last_result or {}).items() if isinstance(v, (int, float, str, bool))},
+            "error": _error_line(trial) if status == "ERROR" else None}
+
+
+class _Ledger(tune.Callback):
+    """Appends each trial's end (completed or stopped by the scheduler: TERMINATED; crashed:
+    ERROR) to a file as it happens, and writes every trial's last state when the experiment
+    ends. A trial with no end recorded was interrupted: Tune marks those TERMINATED too, but
+    resumes them. The file outlives a resumed sweep, which keeps this callback."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _ended(self, trial, status: str) -> None:
+        with (self.folder / ENDED_FILE).open("a") as f:
+            f.write(json.dumps(_trial_row(trial, status)) + "\n")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial, "TERMINATED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trial, "ERROR")
 
     def on_experiment_end(self, trials, **info):
-        rows = [{"trial_id": t.trial_id, "status": t.status, "config": dict(t.config),
-                 "last": {k: v for k, v in (t.last_result or {}).items() if isinstance(v, (int, float, str, bool))},
-                 "error": str(t.get_error()).strip().splitlines()[-1] if t.status == "ERROR" and t.get_error() else None}
-                for t in trials]
-        self.path.write_text(json.dumps(rows, indent=1))
+        (self.folder / TRIALS_FILE).write_text(json.dumps([_trial_row(t, "SEEN") for t in trials], indent=1))
 
 
-def _outcomes(path: Path, cfg: RunConfig, client, parent_run_id: str) -> list[results.Outcome]:
+def _outcomes(folder: Path, cfg: RunConfig, client, parent_run_id: str) -> list[results.Outcome]:
     """One Outcome per trial, its child run ended to match (a trial Tune stopped or interrupted
     could not end its own run)."""
+    ended_file, seen_file = folder / ENDED_FILE, folder / TRIALS_FILE
+    ended = {row["trial_id"]: row for row in map(json.loads, ended_file.read_text().splitlines())} if ended_file.is_file() else {}
     out = []
-    for trial in sorted(json.loads(path.read_text()) if path.is_file() else [], key=lambda t: t["trial_id"]):
+    for seen in sorted(json.loads(seen_file.read_text()) if seen_file.is_file() else [], key=lambda t: t["trial_id"]):
+        trial = ended.get(seen["trial_id"], {**seen, "status": "INTERRUPTED"})
         last, trial_id = trial["last"], trial["trial_id"]
         status = results.status_of(trial["status"], last, cfg.run.steps, trial["error"] is not None)
         run_id = child_run(client, parent_run_id, trial_id)
@@ -136,7 +160,7 @@ def _outcomes(path: Path, cfg: RunConfig, client, parent_run_id: str) -> list[re
 
 def _tuner(cfg: RunConfig, space: Space, setup: TrialSetup, folder: Path, n: int) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": DRIVER_CPU})
-    run_config = tune.RunConfig(name="tune", storage_path=str(folder), callbacks=[_Ledger(folder / TRIALS_FILE)], verbose=1,
+    run_config = tune.RunConfig(name="tune", storage_path=str(folder), callbacks=[_Ledger(folder)], verbose=1,
                                 failure_config=tune.FailureConfig(max_failures=0))  # a failed trial stays failed; Ray Train retries its workers
     if tune.Tuner.can_restore(folder / "tune"):
         return tune.Tuner.restore(str(folder / "tune"), trainable, resume_unfinished=True, restart_errored=False)
@@ -150,14 +174,17 @@ def sweep(cfg: RunConfig, space: Space, space_text: str, log: Callable[[str], No
     pools, started and stopped by the trial: the baseline that bench/sweep_sharing.py measures."""
     import ray
 
-    from distar.cluster.pools import Pools
+    from distar.cluster.pools import Pools, start_serve
     from distar.tracking import registry
 
     cfg = launch.local_paths_made_absolute(cfg)
     folder = Path(cfg.run.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     state = folder / STATE_FILE
-    earlier = json.loads(state.read_text())["parent_run_id"] if state.is_file() and tune.Tuner.can_restore(folder / "tune") else None
+    recorded = json.loads(state.read_text()) if state.is_file() else {}
+    if recorded.get("finished"):
+        raise UserError(f"run.output_dir: {folder} holds a finished sweep (MLflow run {recorded['parent_run_id']}); choose another folder")
+    earlier = recorded.get("parent_run_id") if tune.Tuner.can_restore(folder / "tune") else None
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     local_trials = min(space.max_concurrent or 1, space.trials)  # what a local instance makes room for
     once, trial = _needs(cfg, shared_pools)
@@ -170,14 +197,21 @@ def sweep(cfg: RunConfig, space: Space, space_text: str, log: Callable[[str], No
             parent.client.log_text(parent.run_id, space_text, "space.yaml")
             log(f"MLflow: {parent.link()}" + (" (resumed)" if earlier else ""))
             log(f"{space.trials} trials, {n} at a time; " + ("starting the shared reward and reference pools (Ray Serve)" if shared_pools else "each with its own pools"))
-            pools = Pools.start(cfg, launch.WORKER_ENV) if shared_pools else None
+            if shared_pools:
+                pools = Pools.start(cfg, launch.WORKER_ENV)
+            else:
+                start_serve()  # each trial deploys its own pools on it
             setup = TrialSetup(cfg.model_dump(mode="json"), pools, parent.run_id, launch.job_id())
-            (folder / TRIALS_FILE).unlink(missing_ok=True)
+            if earlier is None:  # a fresh sweep in a folder an earlier, finished one used
+                for name in (TRIALS_FILE, ENDED_FILE):
+                    (folder / name).unlink(missing_ok=True)
             _tuner(cfg, space, setup, folder, n).fit()
-            outcomes = _outcomes(folder / TRIALS_FILE, cfg, parent.client, parent.run_id)
+            outcomes = _outcomes(folder, cfg, parent.client, parent.run_id)
             if any(o.status == results.INTERRUPTED for o in outcomes) or not outcomes:
                 raise SweepInterrupted(f"the sweep stopped before every trial ended; run the same command again to resume it from {folder}")
-            return _conclude(cfg, space, parent, outcomes, folder, registry, log)
+            result = _conclude(cfg, space, parent, outcomes, folder, registry, log)
+            state.write_text(json.dumps({"parent_run_id": parent.run_id, "finished": True}))
+            return result
     finally:
         if pools is not None:
             pools.shutdown()
