@@ -100,7 +100,8 @@ class Pools:
         names, handles = (f"{tag}-rewards", f"{tag}-reference"), []
         for name, deployment, pool in zip(names, (RewardScorer, ReferenceDenoiser), (cfg.cluster.reward_pool, cfg.cluster.reference_pool)):
             options = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "runtime_env": {"env_vars": env}}
-            app = deployment.options(num_replicas=pool.replicas, ray_actor_options=options).bind(payload)
+            # no per-request access lines: a run makes several requests a step
+            app = deployment.options(num_replicas=pool.replicas, ray_actor_options=options, logging_config={"enable_access_log": False}).bind(payload)
             handles.append(serve.run(app, name=name, route_prefix=None))
         return cls(names, *handles)
 
