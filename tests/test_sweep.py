@@ -2,11 +2,12 @@
 trials over the generator learning rate, two at a time, sharing one set of pools:
 
     trial 0: lr 1e-4   learns
-    trial 1: lr 2e-4   learns faster
+    trial 1: lr 2e-4   learns faster: whichever of the two reports its first validation first,
+                       it goes on (ASHA may stop the slower learner when it reports second)
     trial 2: lr 1e-8   does not move: clearly worse at the first validation, so ASHA stops it
     trial 3: lr 1e30   blows up: non-finite updates stop the run, the trial fails
 
-Grid search keeps that order, so the two learners set ASHA's cutoff before the bad ones report.
+Grid search keeps that order, so both learners have set ASHA's cutoff before the bad ones report.
 """
 
 import os
@@ -64,7 +65,7 @@ def test_a_sweep_tracks_one_parent_and_a_child_per_trial(swept):
     assert sorted(by_lr) == sorted(LRS) and len(children) == 4  # one child per trial, each with its own value
     assert {r.data.tags["distar.kind"] for r in children} == {"trial"}
     # Children are training runs like any other: per-step metrics, validations, grids.
-    learner = by_lr[1e-4]
+    learner = by_lr[2e-4]
     assert learner.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(learner.info.run_id, "val/pref")] == [0, 10, 20]
     assert len(client.get_metric_history(learner.info.run_id, "reward/pickscore")) == 20
@@ -106,7 +107,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(swept):
     _, _, by_lr = _children(runs)
     failed = by_lr[1e30]
     assert failed.info.status == "FAILED" and "run stopped at step 4" in failed.data.tags["distar.error"]
-    assert {by_lr[1e-4].info.status, by_lr[2e-4].info.status} == {"FINISHED"}  # the others ran to the end
+    assert by_lr[2e-4].info.status == "FINISHED" and by_lr[1e-4].info.status in ("FINISHED", "KILLED")  # the others went on
     assert "| failed |" in (out / "results.md").read_text()
 
 
