@@ -25,6 +25,7 @@ from distar.errors import RunFailed, UserError
 from distar.sweep import results
 from distar.sweep.space import Space
 from distar.sweep.trial import TrialSetup, child_run, run_trial, trial_config
+from distar.tracking import registry
 from distar.tracking.runs import TrainingRun, end_with_error
 
 STATE_FILE = "sweep.json"  # the sweep's MLflow run, for resuming into it
@@ -175,7 +176,6 @@ def sweep(cfg: RunConfig, space: Space, space_text: str, log: Callable[[str], No
     import ray
 
     from distar.cluster.pools import Pools, start_serve
-    from distar.tracking import registry
 
     cfg = launch.local_paths_made_absolute(cfg)
     folder = Path(cfg.run.output_dir)
@@ -209,7 +209,7 @@ def sweep(cfg: RunConfig, space: Space, space_text: str, log: Callable[[str], No
             outcomes = _outcomes(folder, cfg, parent.client, parent.run_id)
             if any(o.status == results.INTERRUPTED for o in outcomes) or not outcomes:
                 raise SweepInterrupted(f"the sweep stopped before every trial ended; run the same command again to resume it from {folder}")
-            result = _conclude(cfg, space, parent, outcomes, folder, registry, log)
+            result = _conclude(cfg, space, parent, outcomes, folder, log)
             state.write_text(json.dumps({"parent_run_id": parent.run_id, "finished": True}))
             return result
     finally:
@@ -219,7 +219,8 @@ def sweep(cfg: RunConfig, space: Space, space_text: str, log: Callable[[str], No
             ray.shutdown()
 
 
-def _conclude(cfg: RunConfig, space: Space, parent: TrainingRun, outcomes: list[results.Outcome], folder: Path, registry, log) -> SweepResult:
+def _conclude(cfg: RunConfig, space: Space, parent: TrainingRun, outcomes: list[results.Outcome], folder: Path, log) -> SweepResult:
+    """The table, the plot and the selection: registers the selected trial's generator and ends the parent run FINISHED."""
     from distar.roles.validation import metric_names
 
     metrics = metric_names(cfg)
