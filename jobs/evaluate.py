@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         from distar.data import load_prompts, spread
         from distar.evaluation import evaluate, measure, runs, subjects
         from distar.models import sources
-        from distar.roles.from_config import cache_dir
+        from distar.storage import cache_dir
         from distar.tracking import store
 
         cfg = load_config(args.config, args.overrides)

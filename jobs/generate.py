@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = load_prompts(args.prompts, field="--prompts")
         from distar.models import sources
         from distar.models.sampling import ImageModel
-        from distar.roles.from_config import cache_dir
+        from distar.storage import cache_dir
 
         folder = sources.resolve(args.model, "toy" if args.model == "toy" else "sd15", cache_dir(), "--model")
         if not (folder / "model_index.json").is_file():

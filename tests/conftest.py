@@ -114,10 +114,11 @@ def ray_cluster(tmp_path_factory):
 
 
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with a sqlite backend and served artifacts, in its own
-    process group."""
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend, in its own process group. By
+    default it serves artifacts from a folder; `artifacts` replaces the server's artifact options
+    (e.g. an s3:// destination, with the endpoint and credentials in `env`)."""
 
-    def __init__(self, root):
+    def __init__(self, root, artifacts: tuple[str, ...] = (), env: dict | None = None):
         import subprocess
         import sys
         import time
@@ -129,8 +130,8 @@ class MlflowServer:
         port = self.uri.rsplit(":", 1)[1]
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", port, "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-            stdout=open(root / "mlflow_server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", *(artifacts or ("--artifacts-destination", str(root / "artifacts")))],
+            env=env, stdout=open(root / "mlflow_server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.time() + 90
         while time.time() < deadline:

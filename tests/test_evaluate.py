@@ -212,8 +212,7 @@ def test_prompt_sources_for_evaluation(tmp_path):
     assert spread(load_prompts(str(path)), 3) == ["prompt 0", "prompt 3", "prompt 6"]  # spread, not the first few
     toy = spread(load_prompts("toy"), 8)
     assert len(toy) == 8 and all(world.is_world_prompt(p) for p in toy) and not world.is_world_prompt("a cat")
-    for source, says in [("s3://bucket/prompts.txt", "s3:// sources need distar.storage"), ("hf://org/prompts", "needs the `datasets` package"),
-                         (str(tmp_path / "missing.txt"), "is not a readable file")]:
+    for source, says in [("hf://org/prompts", "needs the `datasets` package"), (str(tmp_path / "missing.txt"), "is not a readable file")]:
         with pytest.raises(UserError, match=re.escape(says)):
             load_prompts(source, "--prompts")
 

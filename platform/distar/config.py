@@ -31,7 +31,10 @@ class RunSection(Section):
     name: str = Field("toy", min_length=1, description="Run name; also the MLflow run name.")
     seed: int = Field(0, ge=0, description="Seed for noise, timesteps, prompt order and initialisation.")
     steps: int = Field(1000, ge=1, description="Generator updates to run.")
-    output_dir: str = Field("runs/toy", min_length=1, description="Folder for checkpoints, grids and the exported generator.")
+    output_dir: str = Field("runs/toy", min_length=1, description="Folder for the exported generator, the config and metrics (and checkpoints unless storage_path is set).")
+    storage_path: str | None = Field(None, min_length=1, description="Where Ray Train keeps the checkpoints (under checkpoints/): a folder every node sees, "
+                                     "or s3://BUCKET/PREFIX (endpoint and credentials as for s3:// sources); default: output_dir. "
+                                     "The same location resumes the run.")
     log_every: int = Field(50, ge=1, description="Print a step line every N generator updates.")
     validate_every: int = Field(100, ge=1, description="Score the generator on the validation prompts every N updates (and after the last); logged and reported to Tune as val/*.")
     checkpoint_every: int = Field(250, ge=1, description="Checkpoint both networks, optimiser states, step and RNG every N updates (and at the end).")

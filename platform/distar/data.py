@@ -1,6 +1,6 @@
-"""Prompt sources: a text file (one prompt a line), a CSV or JSON with a `prompt` column, `toy` (every
-prompt of the shapes world), `tiny-random`, or a Hugging Face dataset (`hf://org/name[:split]`,
-with the `datasets` package and network access).
+"""Prompt sources: a text file (one prompt a line) or a CSV or JSON with a `prompt` column, local or
+at an s3:// URI (see distar.storage); `toy` (every prompt of the shapes world), `tiny-random`, or a
+Hugging Face dataset (`hf://org/name[:split]`, with the `datasets` package and network access).
 
 Prompts are read once at start (a bad source fails before any model loads) and served in a
 seeded, epoch-wise shuffled order addressed by position, so a resumed run sees the same batches.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from distar import storage
 from distar.errors import UserError
 from distar.models import tiny
 
@@ -30,9 +31,8 @@ def load_prompts(source: str, field: str = "data.prompts") -> list[str]:
         from distar.toy import world
 
         return world.all_prompts()
-    if source.startswith("s3://"):
-        raise PromptError(f"{field}: {source.split('?')[0]!r}: s3:// sources need distar.storage, which is not part of this build yet; "
-                          "copy the file here and pass its path")
+    if storage.is_s3(source):
+        return load_prompts(str(storage.fetch(source, field)), f"{field} ({source})")
     if source.startswith("hf://"):
         return _hf_prompts(source.removeprefix("hf://"), field)
     path = Path(source).expanduser()

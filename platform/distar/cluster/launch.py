@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from distar import storage
 from distar.config import RunConfig
 from distar.errors import RunFailed
 from distar.models.sources import TINY, TOY
@@ -41,6 +42,8 @@ def local_paths_made_absolute(cfg: RunConfig) -> RunConfig:
     """Trainer workers and pool replicas run in other working directories: hand them absolute paths."""
     tree = cfg.model_dump(mode="json")
     tree["run"]["output_dir"] = str(Path(cfg.run.output_dir).resolve())
+    if cfg.run.storage_path and not storage.is_s3(cfg.run.storage_path):
+        tree["run"]["storage_path"] = str(Path(cfg.run.storage_path).expanduser().resolve())
     local = lambda v: v is not None and v not in BUILT_IN and Path(v).expanduser().exists()  # noqa: E731
     for section, key in (("data", "prompts"), ("data", "validation_prompts"), ("model", "reference"), ("model", "generator_init")):
         if local(tree[section][key]):
@@ -115,6 +118,8 @@ def fit(cfg: RunConfig, pools, tracking: RunTarget | None, callbacks: list = ())
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
+    location = cfg.run.storage_path or str(out)
+    storage_path, filesystem = storage.checkpoint_location(location)
     c = cfg.cluster
     trainer = TorchTrainer(
         train_loop,
@@ -122,7 +127,7 @@ def fit(cfg: RunConfig, pools, tracking: RunTarget | None, callbacks: list = ())
         scaling_config=ScalingConfig(num_workers=c.trainer_workers, use_gpu=c.trainer_gpus > 0,
                                      resources_per_worker={"CPU": c.trainer_cpus, **({"GPU": c.trainer_gpus} if c.trainer_gpus else {})}),
         run_config=TrainRunConfig(
-            name="checkpoints", storage_path=str(out),  # the same name and path resume the run
+            name="checkpoints", storage_path=storage_path, storage_filesystem=filesystem,  # the same name and path resume the run
             failure_config=FailureConfig(max_failures=c.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": WORKER_ENV},
@@ -135,7 +140,7 @@ def fit(cfg: RunConfig, pools, tracking: RunTarget | None, callbacks: list = ())
         raise KeyboardInterrupt from e
     if result.metrics.get("stopped"):
         raise RunStopped(f"run stopped at step {result.metrics['step']}: {cfg.run.max_consecutive_skips} updates in a row had a non-finite "
-                         f"loss or reward (run.max_consecutive_skips); the last checkpoint, under {out / 'checkpoints'}, keeps the weights of the last applied update")
+                         f"loss or reward (run.max_consecutive_skips); the last checkpoint, under {location.rstrip('/')}/checkpoints, keeps the weights of the last applied update")
     return out / "generator"
 
 

@@ -122,7 +122,7 @@ def load_judges(cfg, prompts: Sequence[str], device: str = "cpu") -> Judges:
     shapes world's."""
     from distar.models import sources
     from distar.rewards import load_reward
-    from distar.roles.from_config import cache_dir
+    from distar.storage import cache_dir
 
     rewards = {r.name: load_reward(r.name, sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source")).to(device).eval()
                for i, r in enumerate(cfg.rewards)}

@@ -63,7 +63,7 @@ def reference_subject(source: str, family: str, steps: int, cfg: float, device: 
     """The reference diffusion model, sampled with `steps` DDIM steps at guidance `cfg`."""
     from distar.models import sources
     from distar.models.sampling import ImageModel
-    from distar.roles.from_config import cache_dir
+    from distar.storage import cache_dir
 
     folder = sources.resolve(source, family, cache_dir(), "--reference")
     if not (folder / "model_index.json").is_file():

@@ -1,6 +1,6 @@
 """Turn a model source from the config into a local folder.
 
-A source is a local folder, a hub id (`org/name`, downloaded once into the hub cache), `toy`
+A source is a local folder, an s3:// prefix (see distar.storage), a hub id (`org/name`, downloaded once into the hub cache), `toy`
 (the shapes world's shipped models) or `tiny-random` (tiny untrained models of the requested
 kind, built here for tests and smoke runs). The kind is a pipeline's model family or a reward name.
 """
@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from distar import storage
 from distar.errors import UserError
 from distar.models import tiny
 
@@ -58,8 +59,11 @@ def resolve(source: str, kind: str, cache_dir: str | Path, field: str, fetch: bo
         if not folder.is_dir():
             raise SourceError(f"{field}: the toy assets are missing at {folder}; build them with python jobs/build_toy_assets.py")
         return folder
-    if source.startswith("s3://"):
-        raise SourceError(f"{field}: s3:// sources need distar.storage, which is not part of this build")
+    if storage.is_s3(source):
+        if not fetch:
+            storage.objects(source, field)  # it exists and the credentials in use may read it
+            return None
+        return storage.fetch(source, field, Path(cache_dir))
     path = Path(source).expanduser()
     if path.is_dir():
         return path

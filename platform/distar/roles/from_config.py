@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 from pathlib import Path
 
 import torch
@@ -21,17 +20,14 @@ from distar.models.diffusion import Denoiser, DiffusionParts, OneStepGenerator, 
 from distar.rewards import load_reward
 from distar.roles.reference_pool import ReferencePool
 from distar.roles.reward_worker import RewardWorker
+from distar.storage import cache_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cache_dir() -> Path:
-    """Where built-in sources (`tiny-random`) are materialised once per machine."""
-    return Path(os.environ.get("DISTAR_CACHE", Path.home() / ".cache" / "distar"))
-
-
 def check_inputs(cfg: RunConfig) -> None:
-    """Fail on a prompt or model source that cannot work, before anything starts (nothing is downloaded)."""
+    """Fail on a prompt or model source that cannot work, before anything starts (no model is downloaded;
+    an s3:// model is checked to exist and to be readable)."""
     validation_prompts(cfg.data.prompts, cfg.data.validation_prompts, cfg.data.validation_size)
     load_prompts(cfg.data.prompts)
     m = cfg.model

@@ -37,7 +37,7 @@ SCHEDULERS = ("asha", "fifo")
 METRIC_PREFIX = "val/"  # what the trainer reports on the validation prompts
 # Fields every trial shares: the pools' models (one set of pools serves all trials), the
 # cluster, the tracking target and the names the sweep gives each trial.
-SHARED = re.compile(r"^(model\.(family|reference|num_train_timesteps|resolution|dtype)|rewards\.\d+\.(name|source)|cluster\.|tracking\.|run\.(name|output_dir)$)")
+SHARED = re.compile(r"^(model\.(family|reference|num_train_timesteps|resolution|dtype)|rewards\.\d+\.(name|source)|cluster\.|tracking\.|run\.(name|output_dir|storage_path)$)")
 
 
 class SpaceError(UserError):

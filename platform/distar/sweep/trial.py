@@ -30,9 +30,13 @@ class TrialSetup:
 
 
 def trial_config(base: dict, sampled: dict[str, Any], trial_id: str) -> RunConfig:
-    """The trial's run config: its sampled values, its own name and output folder under the sweep's."""
+    """The trial's run config: its sampled values, its own name, and output folder and checkpoint
+    storage under the sweep's."""
     cfg = RunConfig.model_validate(base)
-    return apply(cfg, {**sampled, "run.name": f"{cfg.run.name}-{trial_id}", "run.output_dir": str(Path(cfg.run.output_dir) / "trials" / trial_id)})
+    own = {"run.name": f"{cfg.run.name}-{trial_id}", "run.output_dir": str(Path(cfg.run.output_dir) / "trials" / trial_id)}
+    if cfg.run.storage_path:
+        own["run.storage_path"] = f"{cfg.run.storage_path.rstrip('/')}/trials/{trial_id}"
+    return apply(cfg, {**sampled, **own})
 
 
 def child_run(client, parent_run_id: str, trial_id: str) -> str | None:
