@@ -23,5 +23,7 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/python jobs/train.py $(ARGS)
 
+# The dashboard tests run Debian's Prometheus against a local Ray instance.
 test: $(STAMP)
+	command -v prometheus >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -86,7 +86,11 @@ class RayCluster:
             env=self.env, stdout=open(root / "ray_head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.run_env = {**self.env, "RAY_ADDRESS": self.address}
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # the caller gets no object to stop
+            self.stop()
+            raise
 
     def _wait_ready(self, timeout=120):
         import subprocess

@@ -21,7 +21,7 @@ import torch
 
 from distar.cluster.calls import PoolClients
 from distar.cluster.engines import EngineUpdate, all_ranks_agree, engine_for, gathered
-from distar.cluster.metrics import TrainerMetrics
+from distar.cluster.metrics import StepParts, TrainerMetrics
 from distar.config import RunConfig
 from distar.data import PromptSampler, load_prompts
 from distar.images import grid, save_png
@@ -58,10 +58,12 @@ def train_loop(config: dict) -> None:
     gen_engine, fake_engine = engine_for(generator, cfg, cfg.optim.generator), engine_for(fake, cfg, cfg.optim.fake_score)
     metrics = TrainerMetrics(cfg.run.name)
     clients = PoolClients(config["reward"], config["reference"], metrics.request_done)
+    timing = StepParts()  # step time by part (metrics' distar_step_part_s): the trainer's calls, timed
     trainer = TrainerStep(
         generator, fake, parts.conditioner, latent_shape, cfg.objective, cfg.rewards, cfg.optim,
-        score_rewards=clients.score_rewards, query_reference=clients.query_reference,
-        updates=(EngineUpdate(gen_engine), EngineUpdate(fake_engine)), shard=Shard(rank, world), all_ranks_agree=all_ranks_agree,
+        score_rewards=timing.waited("reward", clients.score_rewards), query_reference=timing.timed("reference", clients.query_reference),
+        updates=(timing.timed("generator_update", EngineUpdate(gen_engine)), timing.timed("fake_score_update", EngineUpdate(fake_engine))),
+        shard=Shard(rank, world), all_ranks_agree=all_ranks_agree,
     )
     prompts = load_prompts(cfg.data.prompts)
     sampler = PromptSampler(prompts, cfg.data.batch_size * world, cfg.run.seed)
@@ -85,12 +87,12 @@ def train_loop(config: dict) -> None:
             start = time.perf_counter()
             values = trainer.step(sampler.batch(progress.step), rng)
             progress.step += 1
-            seconds, samples = time.perf_counter() - start, cfg.data.batch_size * world
+            seconds, samples, step_parts = time.perf_counter() - start, cfg.data.batch_size * world, timing.take()
             skipped = bool(values["skipped"])
             progress.applied += not skipped
             progress.skipped_in_a_row = progress.skipped_in_a_row + 1 if skipped else 0
             if rank == 0:  # one series per run: the values are the same on every rank, or rank 0's shard
-                metrics.step_done(seconds, samples, values)
+                metrics.step_done(seconds, samples, values, step_parts, progress.step - progress.applied)
                 if progress.step % cfg.run.log_every == 0 or progress.step == steps:
                     print(line(progress.step, values), flush=True)
             record.step(progress.step, values, seconds, samples)
