@@ -35,6 +35,30 @@ def _tracking_store(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _mlflow_store_restored(monkeypatch):
+    """MLflow remembers the last store a process connected to (module globals, and
+    MLFLOW_REGISTRY_URI in os.environ, which subprocesses inherit): put them back after each test,
+    so no later test or job reaches a store, or a stopped server, of an earlier one."""
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    monkeypatch.setattr(registry, "_registry_uri", registry._registry_uri)
+    monkeypatch.setattr(tracking, "_tracking_uri", tracking._tracking_uri)
+    for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_URI"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+
+
+def mlflow_client(uri: str):
+    """A client of that store for runs and the registry alike (not the registry MLflow last used)."""
+    import mlflow
+
+    return mlflow.MlflowClient(uri, registry_uri=uri)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Built-in sources (`tiny-random`) materialise under the test's own folder."""
     monkeypatch.setenv("DISTAR_CACHE", str(tmp_path / "cache"))

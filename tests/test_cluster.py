@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 
+from conftest import mlflow_client
 from distar.config import load_config
 from distar.roles.in_process import build
 
@@ -103,7 +103,7 @@ def test_ray_job_submit_end_to_end(ray_cluster, tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:]
     job = re.search(r"Job '(\S+)' succeeded", proc.stdout)
     assert job and "Ray dashboard: http://" in proc.stdout
-    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # the cluster's, inherited by the job
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])  # the cluster's, inherited by the job
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.`distar.output_dir` = '{out.resolve()}'")
     assert run.info.status == "FINISHED" and run.data.tags["ray.job_id"] == job.group(1)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "reward/pickscore")] == [1, 2, 3]  # written by rank 0
@@ -203,7 +203,7 @@ def test_non_finite_updates_stop_the_run_with_a_checkpoint(ray_cluster, tmp_path
     state = last_state(out)
     assert state["step"] == 4 and state["applied"] == 1
     assert not (out / "generator").exists()  # nothing exported from a failed run
-    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.`distar.output_dir` = '{out.resolve()}'")
     assert run.info.status == "FAILED" and "run stopped at step 4" in run.data.tags["distar.error"]
     assert client.search_model_versions(f"run_id = '{run.info.run_id}'") == []  # a failed run registers nothing

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import mlflow_client
 from distar.data import load_prompts, spread
 from distar.errors import UserError
 from distar.evaluation import measure, runs, subjects, table
@@ -42,7 +43,6 @@ def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
 @pytest.fixture(scope="module")
 def evaluated(mlflow_server, register_toy_generator, tmp_path_factory):
     """Two registered versions and the reference (4 DDIM steps), evaluated in one invocation."""
-    import mlflow
 
     versions = [register_toy_generator(mlflow_server.uri, f"tracking.registered_model={NAME}") for _ in range(2)]
     assert [str(v.version) for v in versions] == ["1", "2"]
@@ -53,7 +53,7 @@ def evaluated(mlflow_server, register_toy_generator, tmp_path_factory):
                    "--prompts", "toy", "--limit", "8", "--out", str(work / "evaluation.md"), env=env, cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"jobs/evaluate.py took {time.perf_counter() - start:.1f} s")
-    return SimpleNamespace(proc=proc, table=work / "evaluation.md", env=env, work=work, client=mlflow.MlflowClient(mlflow_server.uri))
+    return SimpleNamespace(proc=proc, table=work / "evaluation.md", env=env, work=work, client=mlflow_client(mlflow_server.uri))
 
 
 @pytest.mark.slow

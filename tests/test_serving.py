@@ -19,7 +19,7 @@ import requests
 import yaml
 from PIL import Image
 
-from conftest import RayCluster, stop_group
+from conftest import RayCluster, mlflow_client, stop_group
 from distar.serving import MAX_BODY_BYTES, MAX_PROMPT_CHARS, MAX_SEED, GenerateRequest, ServeArgsError, app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def served(tmp_path_factory, mlflow_server, register_toy_generator):
     run = None
     try:
         version = register_toy_generator(mlflow_server.uri, f"tracking.registered_model={NAME}")
-        mlflow.MlflowClient(mlflow_server.uri).set_registered_model_alias(NAME, "champion", version.version)
+        mlflow_client(mlflow_server.uri).set_registered_model_alias(NAME, "champion", version.version)
         config = yaml.safe_load((ROOT / "cluster_configs/serve.yaml").read_text())
         port = free_port()
         config["http_options"]["port"] = port
@@ -258,7 +258,7 @@ def test_serve_run_import_path_form(served):
 
     # Move the alias to a new version (the same weights): the running app keeps the version it
     # was built with; an app built now gets the new one.
-    client = mlflow.MlflowClient(served["mlflow"])
+    client = mlflow_client(served["mlflow"])
     second = client.copy_model_version(f"models:/{NAME}/{served['version']}", NAME)
     client.set_registered_model_alias(NAME, "champion", second.version)
 

@@ -15,7 +15,7 @@ import boto3
 import pytest
 import requests
 
-from conftest import MlflowServer, _free_port, stop_group
+from conftest import MlflowServer, _free_port, mlflow_client, stop_group
 from distar import storage
 from distar.config import load_config
 from distar.errors import UserError
@@ -211,7 +211,10 @@ def test_a_run_reads_from_checkpoints_to_and_logs_artifacts_to_s3(s3, tmp_path):
     server = MlflowServer(tmp_path, artifacts=("--artifacts-destination", f"s3://{BUCKET}/mlflow"),
                           env={**os.environ, **s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.endpoint})
     env = {**os.environ, **s3.env(), "DISTAR_CACHE": str(tmp_path / "cache"), "PYTHONPATH": ""}
-    env.pop("RAY_ADDRESS", None)  # a local Ray instance: its workers share this environment, as a node's processes do
+    # A local Ray instance (its workers share this environment, as a node's processes do), and the
+    # run's own store rather than one an earlier test left in MLFLOW_REGISTRY_URI.
+    for name in ("RAY_ADDRESS", "MLFLOW_REGISTRY_URI"):
+        env.pop(name, None)
     out = tmp_path / "out"
     sets = [f"model.reference=s3://{BUCKET}/models/tiny-sd15/", f"data.prompts=s3://{BUCKET}/prompts/train.txt",
             f"run.storage_path=s3://{BUCKET}/runs/smoke", f"run.output_dir={out}", "run.checkpoint_every=2", f"tracking.mlflow_uri={server.uri}"]
@@ -238,9 +241,8 @@ def test_a_run_reads_from_checkpoints_to_and_logs_artifacts_to_s3(s3, tmp_path):
         cached = sorted(p.name for p in (tmp_path / "cache" / "s3" / BUCKET).iterdir() if p.is_dir())
         assert [n.rsplit("-", 1)[0] for n in cached] == ["tiny-sd15", "train.txt"], cached
 
-        import mlflow
 
-        client = mlflow.MlflowClient(server.uri)
+        client = mlflow_client(server.uri)
         versions = client.search_model_versions("name='distar-generator'")
         assert len(versions) == 2
         stored = s3.keys_under("mlflow/")
@@ -264,9 +266,8 @@ def test_mlflow_clients_write_artifacts_to_s3_with_mlflow_s3_endpoint_url(s3, tm
     server = MlflowServer(tmp_path, artifacts=("--default-artifact-root", f"s3://{BUCKET}/direct", "--no-serve-artifacts"), env=dict(os.environ))
     try:
         version = register_toy_generator(server.uri)
-        import mlflow
 
-        run = mlflow.MlflowClient(server.uri).get_run(version.run_id)
+        run = mlflow_client(server.uri).get_run(version.run_id)
     finally:
         server.stop()
     assert run.info.artifact_uri.startswith(f"s3://{BUCKET}/direct/")

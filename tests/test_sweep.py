@@ -15,11 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
+
+from conftest import mlflow_client
 
 ROOT = Path(__file__).resolve().parents[1]
 LRS = [1e-4, 2e-4, 1e-8, 1e30]
@@ -44,7 +45,7 @@ def swept(ray_cluster, mlflow_server, tmp_path_factory):
     out = folder / "out"
     proc = subprocess.run([sys.executable, *sweep_args(out, mlflow_server.uri, space, folder)], cwd=ROOT, env=ray_cluster.run_env,
                           capture_output=True, text=True, timeout=1200)
-    client = mlflow.MlflowClient(mlflow_server.uri)
+    client = mlflow_client(mlflow_server.uri)
     experiment = client.get_experiment_by_name("sweeps")
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
     return proc, out, client, runs
@@ -129,7 +130,7 @@ def test_an_interrupted_sweep_resumes_into_the_same_runs(ray_cluster, mlflow_ser
     space = {"search": {"algorithm": "grid", "max_concurrent": 1}, "scheduler": {"kind": "fifo", "metric": "val/pref"},
              "parameters": {"optim.generator.lr": {"grid": [1e-4, 2e-4]}}}
     args = [*sweep_args(tmp_path / "out", mlflow_server.uri, space, tmp_path), "--set", "tracking.experiment=resumed", "--set", "run.checkpoint_every=5"]
-    client = mlflow.MlflowClient(mlflow_server.uri)
+    client = mlflow_client(mlflow_server.uri)
 
     def runs():
         experiment = client.get_experiment_by_name("resumed")

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from conftest import mlflow_client
 from distar.config import load_config
 from distar.data import validation_prompts
 from distar.evaluation.measure import load_judges
@@ -50,7 +51,6 @@ def test_validation_scores_what_the_judges_score_directly():
 
 
 def test_an_in_process_run_validates_before_every_n_updates_and_at_the_end(tmp_path):
-    import mlflow
 
     from distar.tracking.runs import TrainingRun
 
@@ -60,7 +60,7 @@ def test_an_in_process_run_validates_before_every_n_updates_and_at_the_end(tmp_p
     with TrainingRun(cfg) as tracked:
         in_process.train(cfg, tracked.target, log=lines.append)
         tracked.finish()
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
     assert [m.step for m in client.get_metric_history(tracked.run_id, "val/pref")] == [0, 2, 4, 5]
     assert [m.step for m in client.get_metric_history(tracked.run_id, "val/reward/pickscore")] == [0, 2, 4, 5]
     assert sum(line.startswith("validation at step") for line in lines) == 3  # the start is logged to MLflow only
