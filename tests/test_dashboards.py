@@ -220,6 +220,8 @@ def scraped(tmp_path_factory, tiny_pipeline):
         serving = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(root / "serve.yaml")], env=cluster.run_env, cwd=root,
                                    stdout=open(root / "serve_run.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
+        # Before the training: whichever starts Serve first decides whether it has an HTTP proxy.
+        wait_until("the generator endpoint", lambda: healthy(url), timeout=180, proc=serving)
 
         out = root / "run"
         train = subprocess.run(
@@ -228,8 +230,6 @@ def scraped(tmp_path_factory, tiny_pipeline):
             cwd=ROOT, env=cluster.run_env, capture_output=True, text=True, timeout=300,
         )
         assert train.returncode == 0, (train.stdout[-3000:], train.stderr[-3000:])
-
-        wait_until("the generator endpoint", lambda: healthy(url), timeout=120, proc=serving)
 
         def errors() -> float:
             found = prom.query(f'sum(ray_serve_num_http_error_requests_total{{application="{APP}"}})', start, time.time())
