@@ -1,4 +1,5 @@
-# Two entry points: `make train` runs the main job, `make test` runs the whole suite.
+# Two entry points: `make train` runs the main job, `make test` runs the whole suite
+# (`make test-fast`: the tests that start no server, Ray instance or training run).
 # Both build (or reuse) .venv first. torch is pinned and installed before anything that
 # depends on it so pip takes the CPU wheel on disk instead of a multi-GB CUDA build;
 # deepspeed is built against that torch (no build isolation) for the same reason.
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test
+.PHONY: setup train test test-fast
 
 setup: $(STAMP)
 
@@ -27,3 +28,6 @@ train: $(STAMP)
 test: $(STAMP)
 	command -v prometheus >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -7,7 +7,7 @@ generator (or takes --model, a diffusers or MLflow model folder), starts a local
 Ray instance with the Serve app of distar/serving.py on a free 127.0.0.1 port (one replica, one
 CPU, max_batch_size B, the default batch wait), and then alternates K times:
 
-- direct: N calls of `ImageModel.generate` on B prompts in this process, each image encoded to
+- direct: N calls of `Sampler.generate` on B prompts in this process, each image encoded to
   PNG as the endpoint does, with one torch thread as the replica has (num_cpus 1);
 - served, rounds: N rounds of B concurrent single-image `POST /generate` requests, each round
   sent when the last one has been answered (so nothing overlaps the generator call);
@@ -30,7 +30,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -52,15 +51,9 @@ PROMPTS = [f"a {c} {s}" for c in COLORS for s in SHAPES]
 
 def toy_generator(folder: Path) -> Path:
     from distar.config import load_config
-    from distar.roles.in_process import train
+    from distar.run.in_process import train
 
-    return train(load_config(None, ["run.steps=2", "data.batch_size=4", f"run.output_dir={folder}", "run.name=bench-serve"]), log=lambda line: None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return train(load_config(None, ["run.steps=2", "data.batch_size=4", f"run.output_dir={folder}", "run.name=bench-serve"]), log=lambda line: None).exported()
 
 
 def direct(model, rounds: int, batch: int) -> float:
@@ -135,8 +128,10 @@ def main() -> int:
     import torch
     from ray import serve
 
+    from distar.cluster.session import free_port
     from distar.serving import app
     from distar.tracking.registry import load
+    from distar.tracking.store import resolve
 
     torch.set_num_threads(1)  # the replica's num_cpus
     load_before = os.getloadavg()[0]
@@ -144,7 +139,7 @@ def main() -> int:
     sizes: dict[str, list[int]] = {"rounds": [], "steady": []}
     with tempfile.TemporaryDirectory() as tmp:
         model_uri = a.model or str(toy_generator(Path(tmp) / "toy"))
-        model = load(model_uri).model
+        model = load(model_uri, resolve()).model
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             port = free_port()
@@ -165,7 +160,7 @@ def main() -> int:
     print(f"model: {model_uri if a.model else 'one-step generator, toy run of 2 steps'}, {model.resolution} px, {model.network_calls} UNet call(s) per image; batch {a.batch}; "
           f"{a.rounds * a.batch} images per measurement x {a.repeats} repeats; {os.cpu_count()} CPUs, "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    labels = {"direct": "direct: ImageModel.generate + PNG, batches",
+    labels = {"direct": "direct: Sampler.generate + PNG, batches",
               "rounds": f"served, rounds of {a.batch} concurrent requests",
               "steady": f"served, {2 * a.batch} clients back to back"}
     print(f"| {'':<46} | {'images/s':>8} | {'each repeat':<22} | {'/ direct':>8} | {'mean batch':>10} |")

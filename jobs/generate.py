@@ -13,14 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # runnable from a bare checkout
 
-from distar.data import load_prompts  # noqa: E402
-from distar.errors import UserError  # noqa: E402
+from distar import cli  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.Parser("jobs/generate.py", __doc__)
     p.add_argument("--model", required=True, help="pipeline folder, hub id, or `toy`")
     p.add_argument("--prompts", required=True, help="prompt source: .txt (one a line), .csv/.json with a `prompt` column, or `toy`")
     p.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
@@ -34,29 +33,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        prompts = load_prompts(args.prompts, field="--prompts")
-        from distar.models import sources
-        from distar.models.sampling import ImageModel
-        from distar.storage import cache_dir
-
-        folder = sources.resolve(args.model, "toy" if args.model == "toy" else "sd15", cache_dir(), "--model")
-        if not (folder / "model_index.json").is_file():
-            raise UserError(f"--model: {folder} is not a diffusers pipeline folder (no model_index.json)")
-        model = ImageModel(folder, args.steps, args.cfg, args.resolution)
-        images = model.generate(prompts, range(args.seed, args.seed + len(prompts)))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def generate(args: argparse.Namespace) -> None:
+    from distar.data import load_prompts
+    from distar.errors import UserError
     from distar.images import save_png, to_uint8
+    from distar.models import sources
+    from distar.models.sampling import Sampler
+    from distar.storage import cache_dir
 
+    prompts = load_prompts(args.prompts, field="--prompts")
+    folder = sources.resolve(args.model, "toy" if args.model == "toy" else "sd15", cache_dir(), "--model")
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"--model: {folder} is not a diffusers pipeline folder (no model_index.json)")
+    images = Sampler(folder, args.steps, args.cfg, args.resolution).generate(prompts, range(args.seed, args.seed + len(prompts)))
     args.out.mkdir(parents=True, exist_ok=True)
     for i, pixels in enumerate(to_uint8(images)):
         save_png(pixels, args.out / f"{i:05d}.png")
     print(f"wrote {len(images)} images to {args.out}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return cli.run(lambda: generate(args))
 
 
 if __name__ == "__main__":

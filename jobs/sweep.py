@@ -20,33 +20,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # runnable from a bare checkout
 
-from distar.cli import Parser, exit_status  # noqa: E402
-from distar.config import load_config  # noqa: E402
-from distar.errors import UserError  # noqa: E402
-from distar.roles import from_config  # noqa: E402
-from distar.sweep.space import load_space  # noqa: E402
+from distar import cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser("jobs/sweep.py", __doc__)
-    p.add_argument("--config", metavar="FILE", help="the base run config YAML; default: the embedded default run")
+    p = cli.Parser("jobs/sweep.py", __doc__)
+    p.add_config("the base run config YAML; default: the embedded default run")
     p.add_argument("--space", metavar="FILE", required=True, help="the sweep's space file (e.g. jobs/configs/toy_sweep.yaml)")
-    p.add_argument("--set", metavar="PATH=VALUE", action="append", default=[], dest="overrides", help="override a base-config field (repeatable)")
     p.add_argument("--pools-per-trial", action="store_true", help="every trial starts its own pools instead of sharing one set (the baseline of bench/sweep_sharing.py)")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        space = load_space(args.space, args.config, args.overrides)
-        from_config.check_inputs(cfg)
-        from distar.sweep.runner import sweep
+    return cli.run(lambda: sweep(args), interrupted="pools shut down; the same command resumes the sweep")
 
-        result = sweep(cfg, space, Path(args.space).read_text(), shared_pools=not args.pools_per_trial)
-        v = result.version
-        print(f"selected trial {result.chosen.trial_id}; registered {v.name} version {v.version} (alias candidate): models:/{v.name}@candidate")
-        print(f"results: {result.table}, {result.plot}")
-    except (KeyboardInterrupt, UserError) as e:
-        return exit_status(e, "pools shut down; the same command resumes the sweep")
-    return 0
+
+def sweep(args) -> None:
+    from distar.config import load_config
+    from distar.run.build import check_inputs
+    from distar.sweep.space import load_space
+
+    cfg = load_config(args.config, args.overrides)
+    space = load_space(args.space, args.config, args.overrides)
+    check_inputs(cfg)
+    from distar.sweep.runner import sweep
+
+    result = sweep(cfg, space, Path(args.space).read_text(), shared_pools=not args.pools_per_trial)
+    v = result.version
+    print(f"selected trial {result.chosen.trial_id}; registered {v.name} version {v.version} (alias candidate): models:/{v.name}@candidate")
+    print(f"results: {result.table}, {result.plot}")
 
 
 if __name__ == "__main__":

@@ -1,3 +1,11 @@
+"""What the tests share, as fixtures: tiny models, one runner of the jobs, free ports, and the real
+servers the slow tests start (a Ray cluster, an MLflow server), each in a process group of its
+own and ended by that group, never by name.
+
+Tests marked `slow` start a server, a Ray instance or a training run (a job that trains, or the
+run loop); `make test-fast` leaves them out, and a test that is not marked may not do either.
+"""
+
 import os
 
 # Tests never reach a model hub: every model is built from a config and saved locally.
@@ -7,12 +15,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # another process (a Ray worker, a second test) holds the other core.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import secrets  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from distar.cluster.session import free_port as _free_port  # noqa: E402
 from distar.models import tiny  # noqa: E402
 
 torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
@@ -34,28 +53,26 @@ def _tracking_store(tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('tracking')}/mlflow.db"
 
 
+SLOW_FIXTURES = {"ray_cluster", "new_ray_cluster", "mlflow_server", "new_mlflow_server", "register_toy_generator", "servers"}
+
+
 @pytest.fixture(autouse=True)
-def _mlflow_store_restored(monkeypatch):
-    """MLflow remembers the last store a process connected to (module globals, and
-    MLFLOW_REGISTRY_URI in os.environ, which subprocesses inherit): put them back after each test,
-    so no later test or job reaches a store, or a stopped server, of an earlier one."""
-    from mlflow.tracking._model_registry import utils as registry
-    from mlflow.tracking._tracking_service import utils as tracking
+def _slow_work_is_marked(request, monkeypatch):
+    """The fast tier stays fast: a test not marked slow may not start a server, a Ray instance or
+    the run loop, and may not use the fixtures that do."""
+    if request.node.get_closest_marker("slow"):
+        return
+    used = SLOW_FIXTURES & set(request.fixturenames)
+    if used:
+        pytest.fail(f"uses {', '.join(sorted(used))} but is not marked slow")
 
-    monkeypatch.setattr(registry, "_registry_uri", registry._registry_uri)
-    monkeypatch.setattr(tracking, "_tracking_uri", tracking._tracking_uri)
-    for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_URI"):
-        if name in os.environ:
-            monkeypatch.setenv(name, os.environ[name])
-        else:
-            monkeypatch.delenv(name, raising=False)
+    def refuse(what):
+        def refused(*args, **kwargs):
+            pytest.fail(f"starts {what} but is not marked slow")
+        return refused
 
-
-def mlflow_client(uri: str):
-    """A client of that store for runs and the registry alike (not the registry MLflow last used)."""
-    import mlflow
-
-    return mlflow.MlflowClient(uri, registry_uri=uri)
+    monkeypatch.setattr("distar.run.loop.RunLoop.run", refuse("a training run"))
+    monkeypatch.setattr("ray.init", refuse("a Ray instance"))
 
 
 @pytest.fixture(autouse=True)
@@ -64,71 +81,133 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTAR_CACHE", str(tmp_path / "cache"))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def free_port():
+    """`free_port()`: a port nothing listens on, on 127.0.0.1."""
+    return _free_port
 
 
-def stop_group(proc, timeout: float, sig: int | None = None) -> None:
-    """End what a test started in its own process group (start_new_session=True): `sig`
-    (SIGTERM by default) to the group, SIGKILL if it is still there after `timeout` s."""
-    import signal
-    import subprocess
+@pytest.fixture(scope="session")
+def mlflow_client():
+    """`mlflow_client(uri)`: a client of that store for runs and the registry alike."""
+    from distar.tracking.store import Store
 
-    os.killpg(proc.pid, sig or signal.SIGTERM)
+    return lambda uri: Store(uri).client()
+
+
+def requires(program: str, install: str) -> str:
+    """The path of an outside program a test runs, or a skip that says how to install it."""
+    found = shutil.which(program)
+    if found is None:
+        pytest.skip(f"needs `{program}`, which is not installed here ({install}; `make test` installs it)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def program():
+    """`program(name, install)`: see `requires`."""
+    return requires
+
+
+class Jobs:
+    """The jobs (jobs/*.py) as a user runs them: a fresh interpreter in the checkout, finding the
+    package by itself (no PYTHONPATH), with this session's environment unless told otherwise."""
+
+    def command(self, script: str, *args: str) -> list[str]:
+        return [sys.executable, str(ROOT / "jobs" / script), *map(str, args)]
+
+    def env(self, env: dict | None) -> dict:
+        return {**(os.environ if env is None else env), "PYTHONPATH": ""}
+
+    def run(self, script: str, *args, env: dict | None = None, cwd=ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(script, *args), cwd=cwd, env=self.env(env), capture_output=True, text=True, timeout=timeout)
+
+    def start(self, script: str, *args, env: dict | None = None, cwd=ROOT, **popen) -> subprocess.Popen:
+        """In the background, output merged into stdout (a pipe); its own process group."""
+        return subprocess.Popen(self.command(script, *args), cwd=cwd, env=self.env(env), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+
+
+@pytest.fixture(scope="session")
+def jobs():
+    return Jobs()
+
+
+def stop_group(proc, timeout: float, sig: int = signal.SIGTERM) -> None:
+    """End what a test started in its own process group: `sig` to the group, SIGKILL if it is
+    still there after `timeout` s."""
     try:
+        os.killpg(proc.pid, sig)
         proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        return
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
+class Servers:
+    """Programs started in process groups of their own, ended by group (see `stop_group`)."""
+
+    def start(self, args: list[str], log: Path, env: dict | None = None, cwd=None) -> subprocess.Popen:
+        return subprocess.Popen(args, env=env, cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    stop = staticmethod(stop_group)
+
+    @staticmethod
+    def answers(url: str) -> bool:
+        """Whether `url` answers 200 now."""
+        import requests
+
+        try:
+            return requests.get(url, timeout=3).status_code == 200
+        except requests.RequestException:
+            return False
+
+    @staticmethod
+    def wait(what: str, ready, proc, timeout: float, every: float = 0.5) -> None:
+        """Until `ready()` is true (bounded by `timeout`); fails early if `proc` exits."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
+            if ready():
+                return
+            time.sleep(every)
+        raise TimeoutError(f"{what}: not ready within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def servers():
+    return Servers()
+
+
 class RayCluster:
     """A real single-node Ray cluster: `ray start --head --block` in its own process group."""
 
-    def __init__(self, root):
-        import secrets
-        import subprocess
-        import sys
-        from pathlib import Path
-
+    def __init__(self, root: Path, env: dict | None = None):
         self.port, self.dashboard_port, self.metrics_port = _free_port(), _free_port(), _free_port()
         self.address, self.dashboard = f"127.0.0.1:{self.port}", f"http://127.0.0.1:{self.dashboard_port}"
-        bin_dir = str(Path(sys.executable).parent)
         # Token auth as Ray 2.60 sets it up by default, with a token of this cluster's own.
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        self.env = {**(env or os.environ), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "DISTAR_CACHE": str(root / "cache"), "RAY_metrics_report_interval_ms": "1000",
-                    "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": "",
+                    "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": "",
                     "RAY_API_SERVER_ADDRESS": self.dashboard}  # not the address file of whichever cluster started last
-        self.proc = subprocess.Popen(
-            [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+        self.proc = Servers().start(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--num-cpus=4", "--disable-usage-stats",
              f"--ray-client-server-port={_free_port()}", f"--metrics-export-port={self.metrics_port}"],
-            env=self.env, stdout=open(root / "ray_head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
+            root / "ray_head.log", self.env)
         self.run_env = {**self.env, "RAY_ADDRESS": self.address}
         try:
-            self._wait_ready()
+            Servers.wait("the Ray head", self._answers, self.proc, timeout=120, every=2)
         except BaseException:  # the caller gets no object to stop
             self.stop()
             raise
 
-    def _wait_ready(self, timeout=120):
-        import subprocess
-        import time
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.proc.returncode}")
-            probe = subprocess.run(["ray", "job", "list", "--address", self.dashboard], env=self.env, capture_output=True, timeout=60)
-            if probe.returncode == 0:
-                return
-            time.sleep(2)
-        raise TimeoutError(f"the Ray head did not answer within {timeout} s")
+    def _answers(self) -> bool:
+        probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", self.dashboard], env=self.env, capture_output=True, timeout=60)
+        return probe.returncode == 0
 
     def stop(self):
         stop_group(self.proc, timeout=45)  # the head drains for up to 30 s
@@ -136,9 +215,16 @@ class RayCluster:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
+    """The session's Ray cluster, shared by every test that needs one but no cluster of its own."""
     cluster = RayCluster(tmp_path_factory.mktemp("ray"))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def new_ray_cluster():
+    """`new_ray_cluster(root, env=None)`: a cluster of a module's own (stop() it when done)."""
+    return RayCluster
 
 
 class MlflowServer:
@@ -146,33 +232,19 @@ class MlflowServer:
     default it serves artifacts from a folder; `artifacts` replaces the server's artifact options
     (e.g. an s3:// destination, with the endpoint and credentials in `env`)."""
 
-    def __init__(self, root, artifacts: tuple[str, ...] = (), env: dict | None = None):
-        import subprocess
-        import sys
-        import time
-        from pathlib import Path
-
-        import requests
-
+    def __init__(self, root: Path, artifacts: tuple[str, ...] = (), env: dict | None = None):
         self.uri = f"http://127.0.0.1:{_free_port()}"
         port = self.uri.rsplit(":", 1)[1]
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", port, "--workers", "1",
+        self.proc = Servers().start(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", port, "--workers", "1",
              "--backend-store-uri", f"sqlite:///{root}/mlflow.db", *(artifacts or ("--artifacts-destination", str(root / "artifacts")))],
-            env=env, stdout=open(root / "mlflow_server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}; see {root / 'mlflow_server.log'}")
-            try:
-                if requests.get(self.uri + "/health", timeout=2).ok:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError("mlflow server did not answer within 90 s")
+            root / "mlflow_server.log", env)
+
+        try:
+            Servers.wait(f"mlflow server (see {root / 'mlflow_server.log'})", lambda: Servers.answers(self.uri + "/health"), self.proc, timeout=90)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self):
         stop_group(self.proc, timeout=20)
@@ -186,11 +258,17 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def new_mlflow_server():
+    """`new_mlflow_server(root, artifacts=(), env=None)`: a server of a test's own (stop() it when done)."""
+    return MlflowServer
+
+
+@pytest.fixture(scope="session")
 def register_toy_generator(tmp_path_factory):
     """Train a toy-world generator for a few steps in-process, tracked into an MLflow store, and
     register it as jobs/train.py does; returns the model version."""
     from distar.config import load_config
-    from distar.roles.in_process import train
+    from distar.run.in_process import train
     from distar.tracking.runs import TrainingRun
 
     def register(uri: str, *overrides: str, steps: int = 2):
@@ -198,6 +276,23 @@ def register_toy_generator(tmp_path_factory):
         cfg = load_config(None, [f"run.output_dir={out}", f"run.steps={steps}", "data.batch_size=4", f"tracking.mlflow_uri={uri}",
                                  "tracking.grid_every=1", "run.log_every=1", *overrides])
         with TrainingRun(cfg) as tracked:
-            return tracked.register(train(cfg, tracked.target, log=lambda line: None))
+            return tracked.register(train(cfg, tracked.target, log=lambda line: None).exported())
 
     return register
+
+
+@pytest.fixture(scope="session")
+def pyproject():
+    """The project's version, its image tag, and its runtime dependencies' lower bounds (the pins the image and cluster configs must carry)."""
+    import re
+    import tomllib
+    from types import SimpleNamespace
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    bounds = {}
+    for dep in project["dependencies"]:
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)(\[[^\]]*\])?\s*>=\s*([0-9][0-9A-Za-z.]*)\s*", dep.split(";")[0])
+        assert m, f"pyproject dependency without a plain >= lower bound: {dep!r}"
+        bounds[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(3)
+    return SimpleNamespace(version=project["version"], image=f"ghcr.io/distar-ai/distar:{project['version']}", lower_bounds=bounds,
+                           requires_python=project["requires-python"])

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import mlflow_client
 from distar.config import load_config
-from distar.roles.in_process import build
+from distar.run.in_process import run_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "jobs/configs/smoke.yaml"
@@ -32,10 +31,14 @@ def train_args(out: Path, *sets: str) -> list[str]:
     return ["--config", SMOKE, "--set", f"run.output_dir={out}", *[a for s in sets for a in ("--set", s)]]
 
 
-def run_train(cluster, *args, timeout=600):
-    proc = subprocess.run([sys.executable, "jobs/train.py", *args], cwd=ROOT, env=cluster.run_env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
-    return proc
+@pytest.fixture
+def run_train(jobs, ray_cluster):
+    def run(*args, timeout=600):
+        proc = jobs.run("train.py", *args, env=ray_cluster.run_env, timeout=timeout)
+        assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+        return proc
+
+    return run
 
 
 def metrics(out: Path) -> list[dict]:
@@ -62,17 +65,17 @@ def in_process_one_step(tmp_path_factory, ray_cluster):
     """The single-process runner's first update on a global batch of 4 prompts."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("DISTAR_CACHE", ray_cluster.env["DISTAR_CACHE"])  # the tiny models the cluster's runs use
-        run = build(load_config(SMOKE, ["data.batch_size=4", *ONE_STEP]))
+        run = run_loop(load_config(SMOKE, ["data.batch_size=4", *ONE_STEP]))
     values = run.trainer.step(run.sampler.batch(0), torch.Generator().manual_seed(run.cfg.run.seed))
-    return torch.cat([p.detach().flatten() for p in run.trainer.generator.unet.parameters()]), values
+    return torch.cat([p.detach().flatten() for p in run.generator.unet.parameters()]), values
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_distributed_step_equals_in_process(ray_cluster, in_process_one_step, tmp_path, workers):
+def test_distributed_step_equals_in_process(run_train, in_process_one_step, tmp_path, workers):
     """Pools on Serve, W trainer ranks with ZeRO-3 engines, each training on 4/W of the batch."""
     expected, values = in_process_one_step
     out = tmp_path / "run"
-    run_train(ray_cluster, *train_args(out, *ONE_STEP, f"data.batch_size={4 // workers}", f"cluster.trainer_workers={workers}"))
+    run_train(*train_args(out, *ONE_STEP, f"data.batch_size={4 // workers}", f"cluster.trainer_workers={workers}"))
     got = unet_params(out / "generator")
     assert torch.isfinite(got).all()
     assert (got - expected).abs().max().item() < PARAM_TOL
@@ -81,11 +84,11 @@ def test_distributed_step_equals_in_process(ray_cluster, in_process_one_step, tm
     assert step["grad_norm/generator"] == pytest.approx(values["grad_norm/generator"], rel=1e-4)
 
 
-def test_resumed_run_continues_identically(ray_cluster, tmp_path):
+def test_resumed_run_continues_identically(run_train, tmp_path):
     whole, halves = tmp_path / "whole", tmp_path / "halves"
-    run_train(ray_cluster, *train_args(whole, "run.steps=4", "run.checkpoint_every=2"))
-    run_train(ray_cluster, *train_args(halves, "run.steps=2", "run.checkpoint_every=2"))
-    proc = run_train(ray_cluster, *train_args(halves, "run.steps=4", "run.checkpoint_every=2"))
+    run_train(*train_args(whole, "run.steps=4", "run.checkpoint_every=2"))
+    run_train(*train_args(halves, "run.steps=2", "run.checkpoint_every=2"))
+    proc = run_train(*train_args(halves, "run.steps=4", "run.checkpoint_every=2"))
     assert "resuming from the checkpoint at step 2" in proc.stdout + proc.stderr
     a, b = metrics(whole), metrics(halves)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
@@ -95,7 +98,7 @@ def test_resumed_run_continues_identically(ray_cluster, tmp_path):
     assert (unet_params(whole / "generator") - unet_params(halves / "generator")).abs().max().item() < 1e-7
 
 
-def test_ray_job_submit_end_to_end(ray_cluster, tmp_path):
+def test_ray_job_submit_end_to_end(ray_cluster, mlflow_client, tmp_path):
     out = tmp_path / "run"
     cmd = ["ray", "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", ".", "--",
            "python", "jobs/train.py", *train_args(out, "run.steps=3", "run.checkpoint_every=2")]
@@ -143,10 +146,20 @@ def _wait_for_registered_checkpoint(out: Path, step: int, proc, timeout=120) -> 
     raise TimeoutError(f"no checkpoint at step {step} registered in {timeout} s")
 
 
-def _start(cluster, out: Path, steps: int):
-    args = train_args(out, f"run.steps={steps}", "run.checkpoint_every=3")
-    return subprocess.Popen([sys.executable, "jobs/train.py", *args], cwd=ROOT, env=cluster.run_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+@pytest.fixture
+def start(jobs, ray_cluster):
+    """A training job in the background; its process group is ended if the test leaves it running."""
+    started = []
+
+    def start_job(out: Path, steps: int):
+        started.append(jobs.start("train.py", *train_args(out, f"run.steps={steps}", "run.checkpoint_every=3"), env=ray_cluster.run_env))
+        return started[-1]
+
+    yield start_job
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
 
 
 def _finish(proc, timeout=600) -> str:
@@ -161,11 +174,11 @@ def _kill(cluster, code: str) -> None:
     subprocess.run([sys.executable, "-c", script], env=cluster.env, check=True, timeout=120, capture_output=True)
 
 
-def test_reward_replica_killed_mid_run(ray_cluster, tmp_path):
+def test_reward_replica_killed_mid_run(ray_cluster, start, tmp_path):
     out, steps = tmp_path / "run", 12
-    proc = _start(ray_cluster, out, steps)
+    proc = start(out, steps)
     _wait_for_step(out, 3, proc)
-    _kill(ray_cluster, "names = [a['name'] for a in ray.util.list_named_actors(all_namespaces=True) if '-rewards#RewardScorer#' in a['name']]\n"
+    _kill(ray_cluster, "names = [a['name'] for a in ray.util.list_named_actors(all_namespaces=True) if '-rewards#RewardPool#' in a['name']]\n"
                        "assert len(names) == 1, names\n"
                        "ray.kill(ray.get_actor(names[0], namespace='serve'), no_restart=True)")
     _finish(proc)
@@ -174,9 +187,9 @@ def test_reward_replica_killed_mid_run(ray_cluster, tmp_path):
     assert history[-1]["applied"] == steps
 
 
-def test_trainer_worker_killed_mid_run(ray_cluster, tmp_path):
+def test_trainer_worker_killed_mid_run(ray_cluster, start, tmp_path):
     out, steps = tmp_path / "run", 8
-    proc = _start(ray_cluster, out, steps)
+    proc = start(out, steps)
     _wait_for_step(out, 4, proc)
     _wait_for_registered_checkpoint(out, 3, proc)  # the controller resumes only from checkpoints it has registered
     _kill(ray_cluster, "(w,) = list_actors(filters=[('class_name', '=', 'RayTrainWorker'), ('state', '=', 'ALIVE')])\n"
@@ -190,12 +203,12 @@ def test_trainer_worker_killed_mid_run(ray_cluster, tmp_path):
     assert sorted({m["step"] for m in history}) == list(range(1, steps + 1))
 
 
-def test_non_finite_updates_stop_the_run_with_a_checkpoint(ray_cluster, tmp_path):
+def test_non_finite_updates_stop_the_run_with_a_checkpoint(ray_cluster, jobs, mlflow_client, tmp_path):
     """A generator learning rate of 1e30 blows the weights up at the first update; every later
     loss is not finite, so the updates are skipped until the limit stops the run."""
     out = tmp_path / "run"
     args = train_args(out, "run.steps=20", "optim.generator.lr=1e30", "run.max_consecutive_skips=3")
-    proc = subprocess.run([sys.executable, "jobs/train.py", *args], cwd=ROOT, env=ray_cluster.run_env, capture_output=True, text=True, timeout=600)
+    proc = jobs.run("train.py", *args, env=ray_cluster.run_env)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: run stopped at step 4: 3 updates in a row")
     history = metrics(out)
@@ -212,12 +225,12 @@ def test_non_finite_updates_stop_the_run_with_a_checkpoint(ray_cluster, tmp_path
 METRICS = ["distar_step_time_s", "distar_samples_per_s", "distar_role_latency_s", "distar_pool_batch_size", "distar_reward", "distar_loss"]
 
 
-def test_run_metrics_reach_the_prometheus_endpoint(ray_cluster, tmp_path):
+def test_run_metrics_reach_the_prometheus_endpoint(ray_cluster, start, tmp_path):
     """Ray exports the run's metrics at each node's metrics port, where Prometheus scrapes them."""
     import urllib.request
 
     out = tmp_path / "run"
-    proc = _start(ray_cluster, out, steps=30)
+    proc = start(out, steps=30)
     _wait_for_step(out, 2, proc)
     found, deadline = set(), time.time() + 90
     while time.time() < deadline and len(found) < len(METRICS) and proc.poll() is None:
@@ -239,11 +252,11 @@ def _replicas(cluster, out: Path) -> list[str]:
     return [line for line in proc.stdout.splitlines() if line]
 
 
-def test_ctrl_c_shuts_the_pools_down(ray_cluster, tmp_path):
+def test_ctrl_c_shuts_the_pools_down(ray_cluster, start, tmp_path):
     import signal
 
     out = tmp_path / "run"
-    proc = _start(ray_cluster, out, steps=200)
+    proc = start(out, steps=200)
     _wait_for_step(out, 2, proc)
     assert len(_replicas(ray_cluster, out)) == 2  # one reward and one reference replica
     proc.send_signal(signal.SIGINT)

@@ -23,7 +23,7 @@ import requests
 import torch
 import yaml
 
-from conftest import RayCluster, _free_port, stop_group
+from distar.cluster.session import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = ROOT / "dashboards"
@@ -106,7 +106,7 @@ def test_dashboard_is_a_grafana_model_on_the_provisioned_datasource(board):
     assert len(cells) == len(set(cells))
 
 
-def test_provisioning_matches_the_prometheus_config():
+def test_provisioning_matches_the_prometheus_config(program):
     config = yaml.safe_load((DASHBOARDS / "prometheus.yml").read_text())
     (source,) = yaml.safe_load((DASHBOARDS / "provisioning/datasources/prometheus.yaml").read_text())["datasources"]
     assert (source["name"], source["type"], source["url"]) == ("Prometheus", "prometheus", "http://prometheus:9090")
@@ -115,7 +115,8 @@ def test_provisioning_matches_the_prometheus_config():
     assert provider["type"] == "file" and provider["options"]["path"] == "/var/lib/grafana/dashboards"
     (job,) = config["scrape_configs"]
     assert [f for sd in job["file_sd_configs"] for f in sd["files"]] == [SHIPPED_SD]
-    check = subprocess.run(["promtool", "check", "config", str(DASHBOARDS / "prometheus.yml")], capture_output=True, text=True, timeout=60)
+    promtool = program("promtool", "Debian's package: apt-get install prometheus")
+    check = subprocess.run([promtool, "check", "config", str(DASHBOARDS / "prometheus.yml")], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -138,25 +139,16 @@ def prometheus_config(sd_file: Path) -> str:
 class Prometheus:
     """`prometheus` (Debian's package) on 127.0.0.1, in its own process group."""
 
-    def __init__(self, root: Path, config: str):
+    def __init__(self, root: Path, config: str, servers, binary: str):
         (root / "prometheus.yml").write_text(config)
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        self.proc = subprocess.Popen(
-            ["prometheus", f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'tsdb'}",
-             f"--web.listen-address={self.url.removeprefix('http://')}"],
-            stdout=open(root / "prometheus.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            assert self.proc.poll() is None, (root / "prometheus.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{self.url}/-/ready", timeout=2).ok:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError("prometheus was not ready within 30 s")
+        self.url, self.servers = f"http://127.0.0.1:{free_port()}", servers
+        self.proc = servers.start([binary, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'tsdb'}",
+                                   f"--web.listen-address={self.url.removeprefix('http://')}"], root / "prometheus.log")
+        try:
+            servers.wait(f"prometheus (see {root / 'prometheus.log'})", lambda: servers.answers(f"{self.url}/-/ready"), self.proc, timeout=30, every=0.3)
+        except BaseException:
+            self.stop()
+            raise
 
     def query(self, expr: str, start: float, end: float) -> list:
         """The series of a range query (what a Grafana time-series panel asks)."""
@@ -166,7 +158,7 @@ class Prometheus:
         return body["data"]["result"]
 
     def stop(self):
-        stop_group(self.proc, timeout=20)
+        self.servers.stop(self.proc, timeout=20)
 
 
 def has_data(series: list) -> bool:
@@ -174,29 +166,32 @@ def has_data(series: list) -> bool:
     return any(v not in ("NaN", "+Inf", "-Inf") for s in series for _, v in s["values"])
 
 
-def wait_until(what: str, ready, timeout: float, every: float = 1.0, proc=None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
-        if ready():
-            return
-        time.sleep(every)
-    raise TimeoutError(f"{what}: not within {timeout} s")
+def requests_round(url: str) -> list[int]:
+    """Three good requests and three bad ones (refused by validation, broken JSON, no such route)."""
+    good = [requests.post(f"{url}/generate", json={"prompt": "a small red circle on the left", "seed": seed}, timeout=60).status_code
+            for seed in range(3)]
+    return good + [requests.post(f"{url}/generate", json={"prompt": ""}, timeout=30).status_code,
+                   requests.post(f"{url}/generate", data="{broken", headers={"Content-Type": "application/json"}, timeout=30).status_code,
+                   requests.get(f"{url}/no/such/path", timeout=30).status_code]
 
 
-def healthy(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/healthz", timeout=3).status_code == 200
-    except requests.RequestException:
-        return False
+def serve_generator(root: Path, cluster, model: Path, servers):
+    """`serve run` of the generator app on a free port, with Serve's HTTP proxy; (process, url)."""
+    port = free_port()
+    config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+              "applications": [{"name": APP, "route_prefix": "/", "import_path": "distar.serving:app",
+                                "args": {"model": str(model), "num_cpus": 0.5, "max_batch_size": 4}}]}
+    (root / "serve.yaml").write_text(yaml.safe_dump(config))
+    proc = servers.start([str(Path(sys.executable).parent / "serve"), "run", str(root / "serve.yaml")], root / "serve_run.log", cluster.run_env, root)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
-def scraped(tmp_path_factory, tiny_pipeline):
+def scraped(tmp_path_factory, tiny_pipeline, servers, new_ray_cluster, jobs, program):
     """Prometheus with the scraped data of: a toy run of STEPS steps (pools on Serve, a Ray Train
     worker), and a generator app on Serve's HTTP proxy that answered good and bad requests.
     Yields (prometheus, start, end): the time window in which it all happened."""
+    binary = program("prometheus", "Debian's package: apt-get install prometheus")
     root = tmp_path_factory.mktemp("dashboards")
     # A Ray temp dir of this module's own, short: Ray's socket paths in it must stay under 108 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="dsh", dir="/tmp"))
@@ -204,49 +199,28 @@ def scraped(tmp_path_factory, tiny_pipeline):
     try:
         with pytest.MonkeyPatch.context() as env:
             env.setenv("RAY_TMPDIR", str(ray_tmp))
-            cluster = RayCluster(root)
+            cluster = new_ray_cluster(root)
         sd_file = ray_tmp / "ray" / "prom_metrics_service_discovery.json"  # the symlink Ray keeps at its temp dir's root
-        wait_until("Ray's service-discovery file", sd_file.is_file, timeout=30, proc=cluster.proc)
-        prom = Prometheus(root, prometheus_config(sd_file))
+        servers.wait("Ray's service-discovery file", sd_file.is_file, cluster.proc, timeout=30)
+        prom = Prometheus(root, prometheus_config(sd_file), servers, binary)
         start = time.time() - 5
-
         # The generator endpoint first: Serve keeps the HTTP proxy of whoever starts it, and the
         # training's pools start it without one. A tiny pipeline (a diffusion model) stands in.
-        port = _free_port()
-        config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
-                  "applications": [{"name": APP, "route_prefix": "/", "import_path": "distar.serving:app",
-                                    "args": {"model": str(tiny_pipeline), "num_cpus": 0.5, "max_batch_size": 4}}]}
-        (root / "serve.yaml").write_text(yaml.safe_dump(config))
-        serving = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(root / "serve.yaml")], env=cluster.run_env, cwd=root,
-                                   stdout=open(root / "serve_run.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        # Before the training: whichever starts Serve first decides whether it has an HTTP proxy.
-        wait_until("the generator endpoint", lambda: healthy(url), timeout=180, proc=serving)
-
-        out = root / "run"
-        train = subprocess.run(
-            [sys.executable, "jobs/train.py", "--config", "jobs/configs/smoke.yaml", "--set", f"run.output_dir={out}",
-             "--set", f"run.name={RUN}", "--set", f"run.steps={STEPS}"],
-            cwd=ROOT, env=cluster.run_env, capture_output=True, text=True, timeout=300,
-        )
+        serving, url = serve_generator(root, cluster, tiny_pipeline, servers)
+        servers.wait("the generator endpoint", lambda: servers.answers(f"{url}/healthz"), serving, timeout=180, every=1)
+        train = jobs.run("train.py", "--config", "jobs/configs/smoke.yaml", "--set", f"run.output_dir={root / 'run'}",
+                         "--set", f"run.name={RUN}", "--set", f"run.steps={STEPS}", env=cluster.run_env, timeout=300)
         assert train.returncode == 0, (train.stdout[-3000:], train.stderr[-3000:])
 
         def errors() -> float:
             found = prom.query(f'sum(ray_serve_num_http_error_requests_total{{application="{APP}"}})', start, time.time())
             return float(found[0]["values"][-1][1]) if found else 0.0
 
-        def requests_round() -> list[int]:
-            good = [requests.post(f"{url}/generate", json={"prompt": "a small red circle on the left", "seed": seed}, timeout=60).status_code
-                    for seed in range(3)]
-            return good + [requests.post(f"{url}/generate", json={"prompt": ""}, timeout=30).status_code,  # refused by validation
-                           requests.post(f"{url}/generate", data="{broken", headers={"Content-Type": "application/json"}, timeout=30).status_code,
-                           requests.get(f"{url}/no/such/path", timeout=30).status_code]
-
         # Two rounds: a series that appears with its final count shows no increase, so rates and
         # latency quantiles need samples from before the requests they count.
-        assert requests_round() == [200] * 3 + [422, 400, 404]
-        wait_until("the first requests in Prometheus", lambda: errors() >= 3, timeout=30, every=1, proc=prom.proc)
-        assert requests_round() == [200] * 3 + [422, 400, 404]
+        assert requests_round(url) == [200] * 3 + [422, 400, 404]
+        servers.wait("the first requests in Prometheus", lambda: errors() >= 3, prom.proc, timeout=30, every=1)
+        assert requests_round(url) == [200] * 3 + [422, 400, 404]
 
         # Until Prometheus holds the last step and the last error: Ray's processes report every
         # second here (RayCluster), Prometheus scrapes every SCRAPE.
@@ -254,16 +228,15 @@ def scraped(tmp_path_factory, tiny_pipeline):
             steps = prom.query(f'max(ray_distar_step_time_s_count{{run="{RUN}"}})', start, time.time())
             return bool(steps) and float(steps[0]["values"][-1][1]) == STEPS and errors() >= 6
 
-        wait_until("the run's and the endpoint's metrics in Prometheus", scraped_all, timeout=60, every=2, proc=prom.proc)
+        servers.wait("the run's and the endpoint's metrics in Prometheus", scraped_all, prom.proc, timeout=60, every=2)
         time.sleep(4)  # two more scrapes: the rates' windows end after the last sample
         yield prom, start, time.time()
     finally:
         if serving is not None and serving.poll() is None:
-            stop_group(serving, timeout=30, sig=signal.SIGINT)  # serve run shuts Serve down, as on Ctrl-C
-        if cluster is not None:
-            cluster.stop()
-        if prom is not None:
-            prom.stop()
+            servers.stop(serving, timeout=30, sig=signal.SIGINT)  # serve run shuts Serve down, as on Ctrl-C
+        for server in (cluster, prom):
+            if server is not None:
+                server.stop()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

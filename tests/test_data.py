@@ -36,7 +36,7 @@ def test_bad_sources_name_the_field(tmp_path, name, content, message):
         path.write_text(content)
     with pytest.raises(PromptError, match=message) as err:
         load_prompts(str(path))
-    assert str(err.value).startswith("data.prompts: ")
+    assert err.value.message.startswith("data.prompts: ") and str(err.value).startswith("error: data.prompts: ")
 
 
 def test_sampler_is_a_pure_function_of_seed_and_step():

@@ -4,30 +4,20 @@ MLflow server, and the pieces of distar.evaluation they are built from."""
 import math
 import os
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import mlflow_client
 from distar.data import load_prompts, spread
 from distar.errors import UserError
 from distar.evaluation import measure, runs, subjects, table
 from distar.toy import world
 
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "eval-generator"  # a registered model of this module's own on the shared server
 RAW = ("reward/pickscore", "reward/clip_score", "pref", "acc/size", "acc/color", "acc/shape", "acc/position", "acc/all",
        "diversity", "seconds_per_image", "peak_memory_mb", "unet_calls")
-
-
-def run_job(script, *args, env=None, cwd=None, timeout=300):
-    env = {**os.environ, **(env or {}), "PYTHONPATH": ""}  # the job must find the package by itself
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
@@ -41,23 +31,22 @@ def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def evaluated(mlflow_server, register_toy_generator, tmp_path_factory):
+def evaluated(mlflow_server, register_toy_generator, tmp_path_factory, jobs, mlflow_client):
     """Two registered versions and the reference (4 DDIM steps), evaluated in one invocation."""
-
     versions = [register_toy_generator(mlflow_server.uri, f"tracking.registered_model={NAME}") for _ in range(2)]
     assert [str(v.version) for v in versions] == ["1", "2"]
     work = tmp_path_factory.mktemp("evaluate")
-    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri, "DISTAR_CACHE": str(work / "cache")}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "DISTAR_CACHE": str(work / "cache")}
     start = time.perf_counter()
-    proc = run_job("evaluate.py", "--model", f"models:/{NAME}/1", "--model", f"models:/{NAME}/2", "--reference", "toy", "--steps", "4",
+    proc = jobs.run("evaluate.py", "--model", f"models:/{NAME}/1", "--model", f"models:/{NAME}/2", "--reference", "toy", "--steps", "4",
                    "--prompts", "toy", "--limit", "8", "--out", str(work / "evaluation.md"), env=env, cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"jobs/evaluate.py took {time.perf_counter() - start:.1f} s")
-    return SimpleNamespace(proc=proc, table=work / "evaluation.md", env=env, work=work, client=mlflow_client(mlflow_server.uri))
+    return SimpleNamespace(proc=proc, table=work / "evaluation.md", env=env, work=work, client=mlflow_client(mlflow_server.uri), jobs=jobs)
 
 
-@pytest.mark.slow
-def test_evaluate_logs_one_run_per_model_and_a_table_of_ratios_from_the_same_runs(evaluated):
+def evaluation_runs(evaluated):
+    """The invocation's three runs (reference and two versions), by model URI, and the baseline's metrics."""
     client = evaluated.client
     tags = [client.get_model_version(NAME, v).tags for v in ("1", "2")]
     evaluation_id = tags[0][runs.TAG_ID]
@@ -75,7 +64,12 @@ def test_evaluate_logs_one_run_per_model_and_a_table_of_ratios_from_the_same_run
         assert run.data.params["prompt_count"] == "8" and run.data.params["seed"] == "30000"
     assert by_uri["reference:toy"].data.params["steps"] == "4" and base["eval/unet_calls"] == 8  # 4 steps, guided: 2 calls each
     assert "steps" not in by_uri[f"models:/{NAME}/1"].data.params
+    return found, by_uri, base
 
+
+@pytest.mark.slow
+def test_evaluate_logs_one_run_per_model_with_its_values_and_ratios(evaluated):
+    found, by_uri, base = evaluation_runs(evaluated)
     # ratios: logged against the baseline run's logged values, for every metric with a non-zero baseline
     for uri in (f"models:/{NAME}/1", f"models:/{NAME}/2"):
         metrics = by_uri[uri].data.metrics
@@ -86,6 +80,12 @@ def test_evaluate_logs_one_run_per_model_and_a_table_of_ratios_from_the_same_run
             else:
                 assert f"eval/ratio/{k}" not in metrics
 
+
+@pytest.mark.slow
+def test_evaluate_prints_and_logs_a_table_of_ratios_from_the_same_runs(evaluated):
+    found, by_uri, base = evaluation_runs(evaluated)
+    client = evaluated.client
+    tags = [client.get_model_version(NAME, v).tags for v in ("1", "2")]
     # the table: three rows, the baseline first, every ratio cell = metric / baseline of the same runs
     text = evaluated.table.read_text()
     assert evaluated.table.read_text() in evaluated.proc.stdout
@@ -126,12 +126,12 @@ def test_evaluate_logs_one_run_per_model_and_a_table_of_ratios_from_the_same_run
 @pytest.mark.slow
 def test_promote_shows_both_versions_side_by_side_then_moves_champion(evaluated):
     client = evaluated.client
-    first = run_job("promote.py", NAME, "2", env=evaluated.env, cwd=evaluated.work)
+    first = evaluated.jobs.run("promote.py", NAME, "2", env=evaluated.env, cwd=evaluated.work)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "held by no version yet -> v2" in first.stdout and "| metric | v2 |" in first.stdout
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
 
-    second = run_job("promote.py", NAME, "1", env=evaluated.env, cwd=evaluated.work)
+    second = evaluated.jobs.run("promote.py", NAME, "1", env=evaluated.env, cwd=evaluated.work)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "| metric | v2 (champion) | v1 | difference |" in second.stdout
     metrics = {v: client.get_run(client.get_model_version(NAME, v).tags[runs.VERSION_TAG_RUN]).data.metrics for v in ("1", "2")}
@@ -163,14 +163,14 @@ def test_bad_input_exits_2_with_one_line(evaluated, script, args, expected):
         client.create_registered_model("eval-unevaluated")
         client.create_model_version("eval-unevaluated", v1.source, v1.run_id, model_id=v1.source.removeprefix("models:/"))
     before = client.search_runs([client.get_experiment_by_name("distar").experiment_id], "tags.`distar.kind` = 'evaluation'")
-    proc = run_job(script, *args, env=evaluated.env, cwd=evaluated.work, timeout=120)
+    proc = evaluated.jobs.run(script, *args, env=evaluated.env, cwd=evaluated.work, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith(expected), proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     after = client.search_runs([client.get_experiment_by_name("distar").experiment_id], "tags.`distar.kind` = 'evaluation'")
     assert len(after) == len(before)  # refused before any run was created
     if script == "promote.py" and "eval-unevaluated" in args:
-        forced = run_job(script, *args, "--force", env=evaluated.env, cwd=evaluated.work, timeout=120)
+        forced = evaluated.jobs.run(script, *args, "--force", env=evaluated.env, cwd=evaluated.work, timeout=120)
         assert forced.returncode == 0 and "no evaluation run (--force)" in forced.stdout, forced.stderr[-2000:]
 
 

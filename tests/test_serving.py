@@ -19,7 +19,6 @@ import requests
 import yaml
 from PIL import Image
 
-from conftest import RayCluster, mlflow_client, stop_group
 from distar.serving import MAX_BODY_BYTES, MAX_PROMPT_CHARS, MAX_SEED, GenerateRequest, ServeArgsError, app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,14 +27,6 @@ NAME = "serve-test"
 MAX_IMAGES = 8  # the config's max_batch_size
 PROMPT = "a small red circle on the left"
 FAILED = ("Failed to update the deployments", "Exception importing application", "failed with exception")  # Serve's log when an app cannot start
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -77,9 +68,9 @@ def test_request_model_is_strict():
 class ServeRun:
     """`serve run ARGS...` in its own process group, its output in a log file."""
 
-    def __init__(self, args: list[str], env: dict, log: Path, cwd: Path):
-        self.log, self.out = log, open(log, "w")
-        self.proc = subprocess.Popen([SERVE, "run", *args], env=env, cwd=cwd, stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
+    def __init__(self, args: list[str], env: dict, log: Path, cwd: Path, servers):
+        self.log, self.servers = log, servers
+        self.proc = servers.start([SERVE, "run", *args], log, env, cwd)
 
     def tail(self) -> str:
         return self.log.read_text()[-4000:]
@@ -103,16 +94,15 @@ class ServeRun:
     def stop(self):
         """Ctrl-C, as a user stops it: serve run then shuts Serve down on the cluster."""
         if self.proc.poll() is None:
-            stop_group(self.proc, timeout=60, sig=signal.SIGINT)
-        self.out.close()
+            self.servers.stop(self.proc, timeout=60, sig=signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, mlflow_server, register_toy_generator):
+def served(tmp_path_factory, mlflow_server, register_toy_generator, new_ray_cluster, mlflow_client, servers, free_port):
     """A generator registered as NAME with alias champion, served by `serve run` of a copy of
     cluster_configs/serve.yaml (a free port, this registry) on a Ray cluster of this module's own."""
     root = tmp_path_factory.mktemp("serving")
-    cluster = RayCluster(root)
+    cluster = new_ray_cluster(root)
     run = None
     try:
         version = register_toy_generator(mlflow_server.uri, f"tracking.registered_model={NAME}")
@@ -123,10 +113,11 @@ def served(tmp_path_factory, mlflow_server, register_toy_generator):
         config["applications"][0]["args"].update(model=f"models:/{NAME}@champion", tracking_uri=mlflow_server.uri)
         (root / "serve.yaml").write_text(yaml.safe_dump(config))
         env = {**cluster.run_env, "MLFLOW_TRACKING_URI": mlflow_server.uri}
-        run = ServeRun([str(root / "serve.yaml")], env, root / "serve_run.log", root)
+        run = ServeRun([str(root / "serve.yaml")], env, root / "serve_run.log", root, servers)
         url = f"http://127.0.0.1:{port}"
         health = run.wait_healthy(url)
-        yield {"url": url, "health": health, "version": int(version.version), "env": env, "root": root, "mlflow": mlflow_server.uri}
+        yield {"url": url, "health": health, "version": int(version.version), "env": env, "root": root, "mlflow": mlflow_server.uri,
+               "servers": servers}
     finally:
         if run is not None:
             run.stop()
@@ -161,7 +152,7 @@ def test_valid_requests_return_the_models_images(served, tmp_path):
     images = [pixels(base64.b64decode(b)) for b in body["images"]]
     assert np.array_equal(images[0], image) and not np.array_equal(images[1], image)
 
-    # The same pixels as the registered model opened in this process (its pyfunc's ImageModel),
+    # The same pixels as the registered model opened in this process (its pyfunc's Sampler),
     # downloaded without pointing this process's MLflow at the test server.
     folder = mlflow.artifacts.download_artifacts(f"models:/{NAME}/{served['version']}", dst_path=str(tmp_path / "model"),
                                                  tracking_uri=served["mlflow"], registry_uri=served["mlflow"])
@@ -241,7 +232,7 @@ def test_concurrent_requests_are_batched(served):
 
 
 @pytest.mark.slow
-def test_serve_run_import_path_form(served):
+def test_serve_run_import_path_form(served, mlflow_client):
     env, root = served["env"], served["root"]
     # Bad arguments fail in the builder, before anything is deployed, naming the argument.
     missing, unknown = (subprocess.Popen([SERVE, "run", "distar.serving:app", *args], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -265,7 +256,7 @@ def test_serve_run_import_path_form(served):
     # The good form, as a second app beside the config file's on the same Serve instance.
     # MLFLOW_TRACKING_URI comes from the environment; the alias is pinned here, in the CLI.
     cli = ServeRun(["--non-blocking", "--name", "cli", "--route-prefix", "/cli", "distar.serving:app", f"model=models:/{NAME}@champion",
-                    "max_batch_size=4"], env, root / "serve_run_cli.log", root)
+                    "max_batch_size=4"], env, root / "serve_run_cli.log", root, served["servers"])
     try:
         assert cli.proc.wait(timeout=240) == 0, cli.tail()
     finally:

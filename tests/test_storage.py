@@ -6,24 +6,22 @@ import json
 import multiprocessing
 import os
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
 import pytest
-import requests
 
-from conftest import MlflowServer, _free_port, mlflow_client, stop_group
 from distar import storage
+from distar.cluster.session import free_port
 from distar.config import load_config
 from distar.errors import UserError
 from distar.models import tiny
-from distar.roles.from_config import check_inputs
+from distar.run.build import check_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "distar"
+pytestmark = pytest.mark.slow  # every test here talks to an S3 server the module starts
 REGION = "us-east-1"
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
@@ -35,19 +33,15 @@ class S3Server:
 
     SETUP = 5
 
-    def __init__(self, root: Path):
-        self.endpoint = f"http://127.0.0.1:{_free_port()}"
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", self.endpoint.rsplit(":", 1)[1]],
-            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(self.SETUP)},
-            stdout=open(root / "moto.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.time() + 30
-        while not self._answers():
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"moto_server did not start; see {root / 'moto.log'}")
-            time.sleep(0.2)
+    def __init__(self, root: Path, servers):
+        self.endpoint, self.servers = f"http://127.0.0.1:{free_port()}", servers
+        self.proc = servers.start([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", self.endpoint.rsplit(":", 1)[1]],
+                                  root / "moto.log", env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(self.SETUP)})
+        try:
+            servers.wait(f"moto_server (see {root / 'moto.log'})", lambda: servers.answers(self.endpoint + "/moto-api/"), self.proc, timeout=30, every=0.2)
+        except BaseException:
+            self.stop()
+            raise
         iam = boto3.client("iam", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id="setup", aws_secret_access_key="setup")
         iam.create_user(UserName="distar")
         iam.put_user_policy(UserName="distar", PolicyName="everything", PolicyDocument=json.dumps(
@@ -55,12 +49,6 @@ class S3Server:
         self.keys = {"distar": iam.create_access_key(UserName="distar")["AccessKey"]}
         iam.create_user(UserName="outsider")
         self.keys["outsider"] = iam.create_access_key(UserName="outsider")["AccessKey"]
-
-    def _answers(self) -> bool:
-        try:
-            return requests.get(self.endpoint + "/moto-api/", timeout=2).ok
-        except requests.ConnectionError:
-            return False
 
     def env(self, user: str = "distar") -> dict[str, str]:
         """The usual AWS environment of a user of this server."""
@@ -83,12 +71,12 @@ class S3Server:
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
     def stop(self):
-        stop_group(self.proc, timeout=10)
+        self.servers.stop(self.proc, timeout=10)
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = S3Server(tmp_path_factory.mktemp("s3"))
+def s3(tmp_path_factory, servers):
+    server = S3Server(tmp_path_factory.mktemp("s3"), servers)
     server.client().create_bucket(Bucket=BUCKET)
     server.client().put_object(Bucket=BUCKET, Key="prompts/train.txt", Body="\n".join(PROMPTS).encode())
     yield server
@@ -170,7 +158,7 @@ def test_unusable_locations_name_what_is_wrong(s3, as_user, user, uri, says):
     as_user(user)
     with pytest.raises(UserError) as caught:
         storage.fetch(uri, "data.prompts")
-    assert str(caught.value).startswith(says), str(caught.value)
+    assert caught.value.message.startswith(says), str(caught.value)
     assert not any(secret in str(caught.value) for secret in secrets_of(s3))
 
 
@@ -186,7 +174,7 @@ def test_bad_credentials_and_an_unreachable_store(s3, as_user, monkeypatch):
     with pytest.raises(UserError, match="no AWS credentials found"):
         storage.fetch(f"s3://{BUCKET}/prompts/train.txt", "data.prompts")
     as_user("distar")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     with pytest.raises(UserError, match=r"data.prompts: s3://distar/prompts/train.txt: EndpointConnectionError"):
         storage.fetch(f"s3://{BUCKET}/prompts/train.txt", "data.prompts")
 
@@ -202,27 +190,22 @@ def test_the_driver_checks_s3_sources_before_starting(s3, as_user):
         check_inputs(load_config("jobs/configs/smoke.yaml", [f"model.reference=s3://{BUCKET}/configs"]))
 
 
-@pytest.mark.slow
-def test_a_run_reads_from_checkpoints_to_and_logs_artifacts_to_s3(s3, tmp_path):
+def test_a_run_reads_from_checkpoints_to_and_logs_artifacts_to_s3(s3, tmp_path, jobs, new_mlflow_server, mlflow_client):
     """The whole path: reference and prompts from s3://, Ray Train checkpoints to s3://, a resumed
     run continuing from there, and MLflow artifacts in the bucket through the tracking server."""
     tiny.build_sd15_pipeline(tmp_path / "reference")
     s3.upload_folder(tmp_path / "reference", "models/tiny-sd15")
-    server = MlflowServer(tmp_path, artifacts=("--artifacts-destination", f"s3://{BUCKET}/mlflow"),
-                          env={**os.environ, **s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.endpoint})
-    env = {**os.environ, **s3.env(), "DISTAR_CACHE": str(tmp_path / "cache"), "PYTHONPATH": ""}
-    # A local Ray instance (its workers share this environment, as a node's processes do), and the
-    # run's own store rather than one an earlier test left in MLFLOW_REGISTRY_URI.
-    for name in ("RAY_ADDRESS", "MLFLOW_REGISTRY_URI"):
-        env.pop(name, None)
+    server = new_mlflow_server(tmp_path, artifacts=("--artifacts-destination", f"s3://{BUCKET}/mlflow"),
+                               env={**os.environ, **s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.endpoint})
+    env = {**os.environ, **s3.env(), "DISTAR_CACHE": str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)  # a local Ray instance: its workers share this environment, as a node's processes do
     out = tmp_path / "out"
     sets = [f"model.reference=s3://{BUCKET}/models/tiny-sd15/", f"data.prompts=s3://{BUCKET}/prompts/train.txt",
             f"run.storage_path=s3://{BUCKET}/runs/smoke", f"run.output_dir={out}", "run.checkpoint_every=2", f"tracking.mlflow_uri={server.uri}"]
 
     def train(steps: int) -> str:
         args = [a for s in [*sets, f"run.steps={steps}"] for a in ("--set", s)]
-        proc = subprocess.run([sys.executable, "jobs/train.py", "--config", "jobs/configs/smoke.yaml", *args],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        proc = jobs.run("train.py", "--config", "jobs/configs/smoke.yaml", *args, env=env)
         assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
         return proc.stdout + proc.stderr
 
@@ -241,7 +224,6 @@ def test_a_run_reads_from_checkpoints_to_and_logs_artifacts_to_s3(s3, tmp_path):
         cached = sorted(p.name for p in (tmp_path / "cache" / "s3" / BUCKET).iterdir() if p.is_dir())
         assert [n.rsplit("-", 1)[0] for n in cached] == ["tiny-sd15", "train.txt"], cached
 
-
         client = mlflow_client(server.uri)
         versions = client.search_model_versions("name='distar-generator'")
         assert len(versions) == 2
@@ -259,14 +241,14 @@ def test_a_run_reads_from_checkpoints_to_and_logs_artifacts_to_s3(s3, tmp_path):
         server.stop()
 
 
-def test_mlflow_clients_write_artifacts_to_s3_with_mlflow_s3_endpoint_url(s3, tmp_path, monkeypatch, register_toy_generator):
+def test_mlflow_clients_write_artifacts_to_s3_with_mlflow_s3_endpoint_url(s3, tmp_path, monkeypatch, register_toy_generator,
+                                                                          new_mlflow_server, mlflow_client):
     """A tracking server that hands out s3:// artifact locations: the client itself uploads."""
     for name, value in {**s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}.items():
         monkeypatch.setenv(name, value)
-    server = MlflowServer(tmp_path, artifacts=("--default-artifact-root", f"s3://{BUCKET}/direct", "--no-serve-artifacts"), env=dict(os.environ))
+    server = new_mlflow_server(tmp_path, artifacts=("--default-artifact-root", f"s3://{BUCKET}/direct", "--no-serve-artifacts"), env=dict(os.environ))
     try:
         version = register_toy_generator(server.uri)
-
         run = mlflow_client(server.uri).get_run(version.run_id)
     finally:
         server.stop()

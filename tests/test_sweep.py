@@ -11,8 +11,8 @@ Grid search keeps that order, so both learners have set ASHA's cutoff before the
 """
 
 import os
-import subprocess
-import sys
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +20,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import mlflow_client
-
-ROOT = Path(__file__).resolve().parents[1]
 LRS = [1e-4, 2e-4, 1e-8, 1e30]
 pytestmark = pytest.mark.slow
 
@@ -33,18 +30,17 @@ def sweep_args(out: Path, uri: str, space: dict, folder: Path) -> list[str]:
     settings = [f"run.output_dir={out}", "run.name=lr-sweep", "run.steps=20", "run.validate_every=10", "run.log_every=10",
                 "run.max_consecutive_skips=3", "data.batch_size=4", f"tracking.mlflow_uri={uri}", "tracking.experiment=sweeps",
                 "tracking.registered_model=swept", "tracking.grid_every=10"]
-    return ["jobs/sweep.py", "--space", str(path), *(a for s in settings for a in ("--set", s))]
+    return ["--space", str(path), *(a for s in settings for a in ("--set", s))]
 
 
 @pytest.fixture(scope="module")
-def swept(ray_cluster, mlflow_server, tmp_path_factory):
+def swept(ray_cluster, mlflow_server, tmp_path_factory, jobs, mlflow_client):
     folder = tmp_path_factory.mktemp("sweep")
     space = {"search": {"algorithm": "grid", "max_concurrent": 2},
              "scheduler": {"kind": "asha", "metric": "val/pref", "mode": "max", "grace_period": 1, "reduction_factor": 2},
              "parameters": {"optim.generator.lr": {"grid": LRS}}}
     out = folder / "out"
-    proc = subprocess.run([sys.executable, *sweep_args(out, mlflow_server.uri, space, folder)], cwd=ROOT, env=ray_cluster.run_env,
-                          capture_output=True, text=True, timeout=1200)
+    proc = jobs.run("sweep.py", *sweep_args(out, mlflow_server.uri, space, folder), env=ray_cluster.run_env, timeout=1200)
     client = mlflow_client(mlflow_server.uri)
     experiment = client.get_experiment_by_name("sweeps")
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
@@ -112,21 +108,17 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(swept):
     assert "| failed |" in (out / "results.md").read_text()
 
 
-def test_bad_input_exits_2_before_anything_starts(tmp_path):
+def test_bad_input_exits_2_before_anything_starts(tmp_path, jobs):
     bad_space = {"parameters": {"objective.alfa": {"uniform": [0.5, 2.0]}}, "scheduler": {"metric": "val/pref"}}
-    proc = subprocess.run([sys.executable, *sweep_args(tmp_path / "out", "sqlite:///unused.db", bad_space, tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    proc = jobs.run("sweep.py", *sweep_args(tmp_path / "out", "sqlite:///unused.db", bad_space, tmp_path), timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
     assert proc.returncode == 2
     assert proc.stderr.strip() == "space error: parameters.objective.alfa: no such field in the run config; did you mean objective.alpha?"
     assert not (tmp_path / "out").exists()
 
 
-def test_an_interrupted_sweep_resumes_into_the_same_runs(ray_cluster, mlflow_server, tmp_path):
+def test_an_interrupted_sweep_resumes_into_the_same_runs(ray_cluster, mlflow_server, tmp_path, jobs, mlflow_client):
     """Ctrl-C while the second of two trials runs; the same command finishes the sweep without
     redoing the first trial, in the same parent run."""
-    import signal
-    import time
-
     space = {"search": {"algorithm": "grid", "max_concurrent": 1}, "scheduler": {"kind": "fifo", "metric": "val/pref"},
              "parameters": {"optim.generator.lr": {"grid": [1e-4, 2e-4]}}}
     args = [*sweep_args(tmp_path / "out", mlflow_server.uri, space, tmp_path), "--set", "tracking.experiment=resumed", "--set", "run.checkpoint_every=5"]
@@ -136,8 +128,7 @@ def test_an_interrupted_sweep_resumes_into_the_same_runs(ray_cluster, mlflow_ser
         experiment = client.get_experiment_by_name("resumed")
         return client.search_runs([experiment.experiment_id]) if experiment else []
 
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=ray_cluster.run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = jobs.start("sweep.py", *args, env=ray_cluster.run_env)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         trials = [r for r in runs() if r.data.tags.get("distar.kind") == "trial"]
@@ -151,7 +142,7 @@ def test_an_interrupted_sweep_resumes_into_the_same_runs(ray_cluster, mlflow_ser
     assert parent.info.status == "KILLED"
     first = next(r for r in runs() if r.data.tags.get("distar.kind") == "trial" and r.info.status == "FINISHED")
 
-    again = subprocess.run([sys.executable, *args], cwd=ROOT, env=ray_cluster.run_env, capture_output=True, text=True, timeout=900)
+    again = jobs.run("sweep.py", *args, env=ray_cluster.run_env, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
     finished = runs()
     [parent_again] = [r for r in finished if r.data.tags.get("distar.kind") == "sweep"]
@@ -160,5 +151,5 @@ def test_an_interrupted_sweep_resumes_into_the_same_runs(ray_cluster, mlflow_ser
     assert len(trials) == 2 and {r.info.status for r in trials} == {"FINISHED"}
     steps = [m.step for m in client.get_metric_history(first.info.run_id, "reward/pickscore")]
     assert steps == list(range(1, 21))  # the finished trial was not run again
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=ray_cluster.run_env, capture_output=True, text=True, timeout=300)
+    done = jobs.run("sweep.py", *args, env=ray_cluster.run_env, timeout=300)
     assert done.returncode == 2 and "holds a finished sweep" in done.stderr.strip().splitlines()[-1]  # nothing registered twice

@@ -7,9 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from distar.data import HELD_OUT_SEED
+from distar.evaluation.judges import Judges
+from distar.evaluation.measure import measure_model
 from distar.models.diffusion import load_parts
+from distar.models.sampling import Sampler
 from distar.rewards import load_reward
-from distar.toy import assets, judge, world
+from distar.toy import assets, world
 from distar.toy.reader import Reader, to_tensor
 
 FRESH_SEED = 777_777
@@ -58,7 +62,7 @@ def test_reference_loads_as_the_toy_family():
 def test_reference_is_a_good_teacher():
     """The issue's bar: 50-step CFG samples read back with >= 85% colour, 75% shape, 80% position, 90% size."""
     best_cfg = json.loads((assets.ASSETS / "report.json").read_text())["reference"]["best_cfg"]
-    prompts = judge.held_out_prompts(200, seed=FRESH_SEED)
-    verdict, _ = judge.judge(assets.path("reference"), prompts, Reader.load(assets.path("reader")), steps=50, cfg=best_cfg)
-    acc = verdict.accuracy
-    assert acc["color"] >= 0.85 and acc["shape"] >= 0.75 and acc["position"] >= 0.80 and acc["size"] >= 0.90, acc
+    prompts = world.held_out_prompts(200, seed=FRESH_SEED)
+    model = Sampler(assets.path("reference"), steps=50, cfg=best_cfg, resolution=world.SIZE)
+    acc, _ = measure_model(model, prompts, HELD_OUT_SEED, Judges(reader=Reader.load(assets.path("reader"))), diversity_prompts=0)
+    assert acc["acc/color"] >= 0.85 and acc["acc/shape"] >= 0.75 and acc["acc/position"] >= 0.80 and acc["acc/size"] >= 0.90, acc

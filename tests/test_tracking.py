@@ -5,7 +5,6 @@ embedded default store; secrets never reach what is logged."""
 import io
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -35,22 +34,38 @@ def test_secrets_are_redacted_from_params_and_config():
 def test_embedded_store_is_absolute_and_in_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.chdir(tmp_path)
-    assert store.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
-    assert store.tracking_uri("sqlite:///rel.db") == f"sqlite:///{tmp_path}/rel.db"
+    assert store.resolve().uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert store.resolve("sqlite:///rel.db").uri == f"sqlite:///{tmp_path}/rel.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert store.tracking_uri() == "http://127.0.0.1:5000"
+    assert store.resolve().uri == "http://127.0.0.1:5000"
 
 
-def train_job(cwd, env, *overrides):
+def test_resolving_a_store_reads_and_writes_nothing_connecting_leaves_childrens_uris(tmp_path, monkeypatch):
+    """Credentials in a URI travel with the Store, not through this process's environment; connecting
+    points this process's MLflow at the store and leaves the URIs child processes inherit alone."""
+    import mlflow
+
+    for name in (*store.CREDENTIALS, "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    where = store.resolve(f"https://alice:{SECRET}@mlflow.example.com")
+    assert (where.uri, where.credentials) == ("https://mlflow.example.com", {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": SECRET})
+    assert SECRET not in repr(where) and dict(os.environ) == before
+    local = store.resolve(f"sqlite:///{tmp_path}/m.db")
+    store.connect(local, "an-experiment")
+    assert mlflow.get_tracking_uri() == local.uri and mlflow.get_registry_uri() == local.uri
+    assert {k: os.environ.get(k) for k in store.URI_VARIABLES} == {k: before.get(k) for k in store.URI_VARIABLES}
+
+
+def train_job(jobs, cwd, env, *overrides):
     args = ["--in-process", "--set", "run.steps=3", "--set", "data.batch_size=4", "--set", "tracking.grid_every=2",
             "--set", "run.output_dir=run", *[a for o in overrides for a in ("--set", o)]]
-    env = {**env, "PYTHONPATH": "", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "jobs/train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return jobs.run("train.py", *args, cwd=cwd, env={**env, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
 
 
 def registry_entries(uri: str, name: str) -> dict:
     """What a person checks in the registry and the run behind the `candidate` version."""
-    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    client = store.Store(uri).client()
     version = client.get_model_version_by_alias(name, "candidate")
     run = client.get_run(version.run_id)
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
@@ -58,8 +73,7 @@ def registry_entries(uri: str, name: str) -> dict:
 
 
 def check_generates(uri: str, name: str):
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    store.connect(store.Store(uri))
     model = mlflow.pyfunc.load_model(f"models:/{name}@candidate")
     out = model.predict(pd.DataFrame({"prompt": ["a small red circle on the left", "a large blue square on the top"], "seed": [7, 7], "num_images": [2, 1]}))
     assert list(out["seed"]) == [7, 8, 7] and list(out["prompt"])[:2] == ["a small red circle on the left"] * 2
@@ -70,10 +84,10 @@ def check_generates(uri: str, name: str):
 
 
 @pytest.mark.slow
-def test_training_run_is_tracked_and_registered_on_a_tracking_server(mlflow_server, tmp_path):
+def test_training_run_is_tracked_and_registered_on_a_tracking_server(mlflow_server, tmp_path, jobs):
     host = mlflow_server.uri.removeprefix("http://")
     uri_with_secret = f"http://alice:{SECRET}@{host}"  # the server takes no auth; the secret must still never be logged
-    proc = train_job(tmp_path, os.environ, f"tracking.mlflow_uri={uri_with_secret}", "tracking.registered_model=tracked", "run.name=tracked-run")
+    proc = train_job(jobs, tmp_path, os.environ, f"tracking.mlflow_uri={uri_with_secret}", "tracking.registered_model=tracked", "run.name=tracked-run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "registered tracked version 1 (alias candidate)" in proc.stdout
     assert SECRET not in proc.stdout + proc.stderr
@@ -93,8 +107,7 @@ def test_training_run_is_tracked_and_registered_on_a_tracking_server(mlflow_serv
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
     assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
     assert e["grid_steps"] == [0, 2, 3]  # before training, every 2 updates, and the end
-    mlflow.set_tracking_uri(mlflow_server.uri)
-    mlflow.set_registry_uri(mlflow_server.uri)
+    store.connect(store.Store(mlflow_server.uri))
     config = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
     assert "divergence: score" in config and SECRET not in config
     card = Path(mlflow.artifacts.download_artifacts("models:/tracked@candidate", dst_path=str(tmp_path / "model"))) / "artifacts" / "generator" / "README.md"
@@ -105,9 +118,9 @@ def test_training_run_is_tracked_and_registered_on_a_tracking_server(mlflow_serv
 
 
 @pytest.mark.slow
-def test_embedded_default_store_needs_no_server(tmp_path):
+def test_embedded_default_store_needs_no_server(tmp_path, jobs):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = train_job(tmp_path, env)
+    proc = train_job(jobs, tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "mlartifacts").is_dir()
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -3,28 +3,18 @@
 import json
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_job(*args, cwd=ROOT, timeout=300, env=None):
-    env = {**(env or os.environ), "PYTHONPATH": ""}  # the job must find the package by itself
-    return subprocess.run([sys.executable, "jobs/train.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--in-process"]], ids=["local-ray", "in-process"])
-def test_smoke_run_trains_and_exports_a_one_step_pipeline(tmp_path, mode):
+def test_smoke_run_trains_and_exports_a_one_step_pipeline(tmp_path, mode, jobs):
     """With no RAY_ADDRESS the job starts a local Ray instance; --in-process runs without Ray."""
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = run_job("--config", "jobs/configs/smoke.yaml", "--set", f"run.output_dir={out}", "--set", "run.steps=3", *mode, env=env)
+    proc = jobs.run("train.py", "--config", "jobs/configs/smoke.yaml", "--set", f"run.output_dir={out}", "--set", "run.steps=3", *mode, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny-random" in proc.stdout  # the job says it is not training real models
     assert ("Ray dashboard: http://127.0.0.1:" in proc.stdout) == (not mode)
@@ -58,8 +48,8 @@ def test_smoke_run_trains_and_exports_a_one_step_pipeline(tmp_path, mode):
         (["--set", "model.reference=/no/such/model"], "config error: model.reference"),
     ],
 )
-def test_bad_input_exits_2_with_one_clear_message(tmp_path, args, expected):
-    proc = run_job(*args, "--set", f"run.output_dir={tmp_path / 'run'}", timeout=120)
+def test_bad_input_exits_2_with_one_clear_message(tmp_path, args, expected, jobs):
+    proc = jobs.run("train.py", *args, "--set", f"run.output_dir={tmp_path / 'run'}", timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith(expected), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

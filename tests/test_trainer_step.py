@@ -1,5 +1,7 @@
-"""TrainerStep's own rules, in one process: ranks' shards add up to the whole batch's gradient,
-and a non-finite reward or loss skips the update without touching the weights."""
+"""TrainerStep's own rules, in one process: ranks' shards add up to the whole batch's gradient, a
+non-finite reward or loss skips the update without touching the weights, and the generator's
+update never reaches the fake score's parameters, with torch's AdamW and with DeepSpeed ZeRO-3
+engines (the Ray runtime's engine code, on gloo in this process: its CPU twin)."""
 
 import copy
 
@@ -7,16 +9,17 @@ import pytest
 import torch
 
 from distar.config import load_config
-from distar.roles.in_process import build
 from distar.roles.reward_worker import RewardResult
 from distar.roles.trainer import Ready, Shard, TrainerStep
+from distar.run import in_process
+from distar.run.loop import RunLoop
 
 SMOKE = "jobs/configs/smoke.yaml"
 
 
 @pytest.fixture
 def run():
-    return build(load_config(SMOKE, ["data.batch_size=4"]))
+    return in_process.run_loop(load_config(SMOKE, ["data.batch_size=4"]))
 
 
 def flat_grad(module):
@@ -53,15 +56,109 @@ def test_non_finite_reward_skips_the_generator_update(run):
     trainer = run.trainer
     worker = trainer.score_rewards
 
-    def poisoned(x0, prompts):
-        result = worker(x0, prompts).result()
+    def poisoned(request):
+        result = worker(request).result()
         return Ready(RewardResult({**result.rewards, "pickscore": result.rewards["pickscore"] * float("nan")}, result.grads))
 
     skipping = TrainerStep(trainer.generator, trainer.fake, trainer.conditioner, trainer.latent_shape, run.cfg.objective, run.cfg.rewards,
-                           run.cfg.optim, score_rewards=poisoned, query_reference=trainer.query_reference)
+                           run.cfg.optim, score_rewards=poisoned, query_reference=trainer.query_reference,
+                           updates=(trainer.gen_update, trainer.fake_update))
     before_gen, before_fake = params(trainer.generator), params(trainer.fake)
     values = skipping.step(run.sampler.batch(0), torch.Generator().manual_seed(0))
     assert values["skipped"] == 1.0 and "grad_norm/generator" not in values
     assert torch.equal(params(trainer.generator), before_gen)  # the generator kept its weights
     assert not torch.equal(params(trainer.fake), before_fake)  # the fake score's update was finite, so it ran
     assert skipping.step(run.sampler.batch(1), torch.Generator().manual_seed(1))["skipped"] == 1.0
+
+
+def spied(trainer: TrainerStep) -> list[str]:
+    """Wrap the trainer's generator update so that any gradient computed for a fake-score
+    parameter while it runs is recorded (by the parameter's name); returns that record."""
+    leaks, armed = [], [False]
+    for name, p in trainer.fake.named_parameters():
+        p.register_hook(lambda grad, name=name: leaks.append(name) if armed[0] else None)
+    update = trainer.gen_update
+
+    def generator_update(loss):
+        armed[0] = True
+        try:
+            return update(loss)
+        finally:
+            armed[0] = False
+
+    trainer.gen_update = generator_update
+    return leaks
+
+
+def two_steps(run: RunLoop) -> list[str]:
+    """Two full steps (K fake-score updates, then the generator's); the fake score's parameters
+    that got a gradient from the generator's update."""
+    leaks = spied(run.trainer)
+    rng = torch.Generator().manual_seed(0)
+    for step in range(2):
+        values = run.trainer.step(run.sampler.batch(step), rng)
+        assert values["skipped"] == 0 and "grad_norm/generator" in values
+    return leaks
+
+
+def test_the_generator_update_leaves_the_fake_score_alone(run):
+    """The spy sees the fake score's own updates' gradients, so it can see a leak: this fails if
+    TrainerStep.step stops freezing the fake score around the generator's loss and update."""
+    assert two_steps(run) == []
+
+
+@pytest.fixture(scope="module")
+def gloo():
+    """torch.distributed with one gloo rank in this process, as DeepSpeed needs it."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from distar.cluster.session import free_port
+
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                            "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
+            env.setenv(name, value)
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield
+        dist.destroy_process_group()
+
+
+class DeepSpeedHere(in_process.InProcess):
+    """The in-process runtime with the Ray runtime's engines in place of AdamW."""
+
+    def updates(self, generator, fake):
+        from distar.cluster import engines
+
+        self.engines = [engines.engine_for(generator, self.cfg, self.cfg.optim.generator), engines.engine_for(fake, self.cfg, self.cfg.optim.fake_score)]
+        return tuple(engines.EngineUpdate(e) for e in self.engines)
+
+    def all_ranks_agree(self, ok: bool) -> bool:
+        from distar.cluster import engines
+
+        return engines.all_ranks_agree(ok)
+
+
+@pytest.mark.slow
+def test_under_deepspeed_zero3_the_generator_update_leaves_the_fake_score_alone(gloo, tmp_path):
+    cfg = load_config(SMOKE, ["data.batch_size=4", f"run.output_dir={tmp_path}"])
+    run = RunLoop(cfg, DeepSpeedHere(cfg), log=lambda line: None)
+    assert two_steps(run) == []
+    assert all(torch.isfinite(p.ds_tensor).all() for p in run.generator.parameters())  # gloo gathers have raced into NaNs upstream
+
+
+@pytest.mark.slow
+def test_a_deepspeed_step_equals_the_adamw_step(gloo, tmp_path):
+    """One update through ZeRO-3 engines moves the generator as torch's AdamW does (what the Ray
+    tests check across processes, here without Ray)."""
+    from distar.cluster.engines import gathered
+
+    cfg = load_config(SMOKE, ["data.batch_size=4", "optim.generator.eps=1e-5", f"run.output_dir={tmp_path}"])
+    expected = in_process.run_loop(cfg, log=lambda line: None)
+    expected.trainer.step(expected.sampler.batch(0), torch.Generator().manual_seed(0))
+    run = RunLoop(cfg, DeepSpeedHere(cfg), log=lambda line: None)
+    run.trainer.step(run.sampler.batch(0), torch.Generator().manual_seed(0))
+    with gathered(run.generator):
+        got = params(run.generator)
+    assert torch.isfinite(got).all()
+    assert (got - params(expected.generator)).abs().max() < 1e-6

@@ -6,14 +6,12 @@ import math
 import pytest
 import torch
 
-from conftest import mlflow_client
 from distar.config import load_config
-from distar.data import validation_prompts
-from distar.evaluation.measure import load_judges
-from distar.roles import in_process
-from distar.roles.outputs import one_step_latents
-from distar.roles.validation import Validation, metric_names
-from distar.toy.judge import HELD_OUT_SEED
+from distar.data import HELD_OUT_SEED, validation_prompts
+from distar.evaluation.judges import load_judges
+from distar.run import in_process
+from distar.run.record import one_step_latents
+from distar.run.validation import Validation, metric_names
 
 
 def test_the_validation_set_is_spread_over_its_source(tmp_path):
@@ -37,11 +35,11 @@ def test_validation_scores_what_the_judges_score_directly():
     """Rewards through the reward worker (latents in, chunked like the pools' batches) equal the
     reward models on the decoded images; the reader's values come with them."""
     cfg = load_config(None, ["data.validation_size=10", "data.batch_size=4"])
-    run = in_process.build(cfg)
-    validation = Validation(cfg, run.parts, run.trainer.latent_shape, run.trainer.score_rewards)
+    run = in_process.run_loop(cfg)
+    validation = Validation(cfg, run.parts, run.latent_shape, run.score_rewards)
     values = validation(run.trainer.generator)
     prompts = validation_prompts(cfg.data.prompts, None, 10)
-    x0 = one_step_latents(run.trainer.generator, run.parts.conditioner, run.trainer.latent_shape, prompts, HELD_OUT_SEED, 10)
+    x0 = one_step_latents(run.generator, run.parts.conditioner, run.latent_shape, prompts, HELD_OUT_SEED, 10)
     with torch.no_grad():
         direct = load_judges(cfg, prompts).score(run.parts.decode(x0), prompts)
     assert sorted(values) == sorted(metric_names(cfg))
@@ -50,7 +48,8 @@ def test_validation_scores_what_the_judges_score_directly():
     assert all(math.isfinite(v) for v in values.values())
 
 
-def test_an_in_process_run_validates_before_every_n_updates_and_at_the_end(tmp_path):
+@pytest.mark.slow
+def test_an_in_process_run_validates_before_every_n_updates_and_at_the_end(tmp_path, mlflow_client):
 
     from distar.tracking.runs import TrainingRun
 

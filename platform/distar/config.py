@@ -14,13 +14,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distar.errors import UserError
+from distar.rewards import REWARD_NAMES
 
 # Non-finite numbers are refused everywhere: a NaN weight would silently poison every step.
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Source = Annotated[str, Field(min_length=1)]
-
-REWARD_NAMES = ("pickscore", "clip_score", "hpsv2", "image_reward", "aesthetic")
 
 
 class Section(BaseModel):
@@ -158,7 +157,9 @@ class RunConfig(Section):
 
 
 class ConfigError(UserError):
-    """A user-facing configuration error; str() is the message to print."""
+    """A config that cannot run; each line of the message names a field path and what was expected."""
+
+    kind = "config error"
 
 
 def _format(err: ValidationError) -> str:
@@ -166,13 +167,13 @@ def _format(err: ValidationError) -> str:
     for e in err.errors():
         msg = e["msg"].removeprefix("Value error, ")
         if not e["loc"]:  # cross-field check: the message names its own path
-            lines.append(f"config error: {msg}")
+            lines.append(msg)
             continue
         path = ".".join(str(p) for p in e["loc"])
         got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
         if len(got) > 80 or isinstance(e["input"], dict):
             got = ""
-        lines.append(f"config error: {path}: {msg}{got}")
+        lines.append(f"{path}: {msg}{got}")
     return "\n".join(lines)
 
 
@@ -184,10 +185,10 @@ def set_path(tree: dict, dotted: str, value: Any) -> None:
         last = i == len(keys) - 1
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise ConfigError(f"config error: {'.'.join(keys[: i + 1])}: no such list index (list has {len(node)} items)")
+                raise ConfigError(f"{'.'.join(keys[: i + 1])}: no such list index (list has {len(node)} items)")
             key = int(key)
         elif not isinstance(node, dict):
-            raise ConfigError(f"config error: {'.'.join(keys[:i])}: is a value, cannot set {dotted}")
+            raise ConfigError(f"{'.'.join(keys[:i])}: is a value, cannot set {dotted}")
         if last:
             node[key] = value
         else:
@@ -198,14 +199,14 @@ def set_path(tree: dict, dotted: str, value: Any) -> None:
 
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise ConfigError(f"config error: --set {text!r}: expected PATH=VALUE, e.g. objective.alpha=0.5")
+        raise ConfigError(f"--set {text!r}: expected PATH=VALUE, e.g. objective.alpha=0.5")
     path, raw = text.split("=", 1)
     if not path:
-        raise ConfigError(f"config error: --set {text!r}: empty path")
+        raise ConfigError(f"--set {text!r}: empty path")
     try:
         return path, yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"config error: {path}: value {raw!r} is not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        raise ConfigError(f"{path}: value {raw!r} is not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -224,14 +225,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config error: --config {p}: no such file")
+            raise ConfigError(f"--config {p}: no such file")
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             reason = " ".join(str(e).split())  # one line, whatever the parser printed
-            raise ConfigError(f"config error: --config {p}: not valid YAML: {reason}") from None
+            raise ConfigError(f"--config {p}: not valid YAML: {reason}") from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"config error: --config {p}: top level must be a mapping of sections")
+            raise ConfigError(f"--config {p}: top level must be a mapping of sections")
     # Overrides address the merged tree, so `--set rewards.0.weight=2` reaches a default list.
     tree = _merge(RunConfig().model_dump(mode="json"), tree)
     for text in overrides:

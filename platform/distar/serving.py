@@ -55,6 +55,8 @@ MAX_SEED = 2**32 - 1
 class ServeArgsError(UserError, ValueError):
     """Bad application arguments; the message names the argument."""
 
+    kind = "serve args"
+
 
 class ServeArgs(BaseModel):
     """The arguments of `serve run distar.serving:app KEY=VALUE ...` (or a config's `args`)."""
@@ -95,12 +97,12 @@ class GenerateRequest(BaseModel):
         return value
 
 
-def _describe(error: ValidationError, prefix: str = "") -> str:
+def _describe(error: ValidationError) -> str:
     """Pydantic errors as 'field: reason; ...', never echoing the (possibly huge) input."""
     parts = []
     for e in error.errors(include_input=False, include_url=False):
         field = ".".join(str(x) for x in e["loc"])[:100] or "body"
-        parts.append(f"{prefix}{field}: {e['msg'].removeprefix('Value error, ')}")
+        parts.append(f"{field}: {e['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 
@@ -127,20 +129,16 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 # serve.deployment pickles the class when it is defined: whatever its methods use must be above it.
 @serve.deployment(graceful_shutdown_timeout_s=5, max_constructor_retry_count=3)
 @serve.ingress(api)
-class Generator:
+class Endpoint:
     """One replica: the model loaded once, requests validated, then batched into the model."""
 
     def __init__(self, spec: dict[str, Any]):
-        import mlflow
         import torch
 
         from distar.tracking import registry
 
         torch.set_num_threads(max(1, int(spec["num_cpus"])))
-        if spec["tracking_uri"]:
-            mlflow.set_tracking_uri(spec["tracking_uri"])
-            mlflow.set_registry_uri(spec["tracking_uri"])
-        loaded = registry.load(spec["model"])  # once per replica
+        loaded = registry.load(spec["model"], store.resolve(spec["tracking_uri"]))  # once per replica
         if spec["num_gpus"] > 0 and torch.cuda.is_available():
             loaded.model.pipe.to("cuda")
         self.model, self.max_images = loaded.model, int(spec["max_batch_size"])
@@ -217,31 +215,27 @@ class Generator:
         return out
 
 
-def _pinned(model: str, tracking_uri: str) -> str:
+def _pinned(model: str, where: store.Store) -> str:
     """A registry alias resolved to its version now; a local folder made absolute (replicas run
     in other directories); other URIs unchanged."""
     if model.startswith("models:/"):
-        import mlflow
-
         from distar.tracking import registry
 
-        if tracking_uri.startswith(("http://", "https://")):
+        if where.uri.startswith(("http://", "https://")):
             try:
-                store.check_server(tracking_uri)  # seconds, not MLflow's minutes of retries
+                store.check_server(where.uri)  # seconds, not MLflow's minutes of retries
             except UserError as e:
-                raise ServeArgsError(f"serve args: tracking_uri: {str(e).split(': ', 1)[-1]}") from None
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+                raise ServeArgsError(f"tracking_uri: {e.message.split(': ', 1)[-1]}") from None
         try:
-            name, version = registry.resolve_version(model)
+            name, version = registry.resolve_version(model, where)
         except UserError as e:
-            raise ServeArgsError(f"serve args: model: {e}") from None
+            raise ServeArgsError(f"model: {e.message}") from None
         return f"models:/{name}/{version}"
     if "://" in model or model.startswith("runs:/"):
         return model
     folder = Path(model).expanduser().resolve()
     if not folder.is_dir():
-        raise ServeArgsError(f"serve args: model: {model} is neither a folder nor a models:/ or runs:/ URI")
+        raise ServeArgsError(f"model: {model} is neither a folder nor a models:/ or runs:/ URI")
     return str(folder)
 
 
@@ -250,11 +244,11 @@ def app(args: dict) -> Application:
     try:
         parsed = ServeArgs.model_validate(args or {})
     except ValidationError as e:
-        raise ServeArgsError(_describe(e, "serve args: ") + " (usage: serve run distar.serving:app model=models:/NAME@ALIAS [key=value ...])") from None
-    tracking_uri = store.tracking_uri(parsed.tracking_uri)
-    model = _pinned(parsed.model, tracking_uri)
-    spec = {**parsed.model_dump(), "model": model, "tracking_uri": tracking_uri}
+        raise ServeArgsError(_describe(e) + " (usage: serve run distar.serving:app model=models:/NAME@ALIAS [key=value ...])") from None
+    where = store.resolve(parsed.tracking_uri)
+    model = _pinned(parsed.model, where)
+    spec = {**parsed.model_dump(), "model": model, "tracking_uri": where.uri}
     options = {"num_cpus": parsed.num_cpus, "num_gpus": parsed.num_gpus}
-    return Generator.options(
+    return Endpoint.options(
         num_replicas=parsed.num_replicas, ray_actor_options=options, max_ongoing_requests=max(16, 4 * parsed.max_batch_size),
     ).bind(spec)

@@ -1,1 +1,2 @@
-"""Ray wiring: the pools as Serve deployments, the trainer on Ray Train with DeepSpeed engines."""
+"""Ray wiring: the session (session), the pools as Serve deployments (pools, calls), the Ray Train
+runtime of the run loop with DeepSpeed engines (train_worker, engines), the driver (launch)."""

@@ -33,7 +33,7 @@ class RetryingCall:
         self.method, self.args, self.role, self.device = method, moved(args, "cpu"), role, device
         self.attempts, self.timeout_s, self.on_done = attempts, timeout_s, on_done
         self.start = time.perf_counter()
-        self.response = method.remote(*args)
+        self.response = method.remote(*self.args)
 
     def result(self) -> Any:
         for attempt in range(1, self.attempts + 1):
@@ -50,14 +50,14 @@ class RetryingCall:
 
 
 class PoolClients:
-    """The two callables TrainerStep takes, backed by the pools' deployment handles."""
+    """The two pool callables TrainerStep takes, backed by the pools' deployment handles."""
 
     def __init__(self, reward_handle, reference_handle, on_done: Callable[[str, float], None], attempts: int = 5, timeout_s: float = 300.0):
         self.reward, self.reference = reward_handle.score, reference_handle.query
         self.on_done, self.attempts, self.timeout_s = on_done, attempts, timeout_s
 
-    def score_rewards(self, x0, prompts: list[str]) -> RetryingCall:
-        return RetryingCall(self.reward, (x0, prompts), "reward", self.attempts, self.timeout_s, self.on_done, x0.device)
+    def score_rewards(self, request) -> RetryingCall:
+        return RetryingCall(self.reward, (request,), "reward", self.attempts, self.timeout_s, self.on_done, request.x0.device)
 
     def query_reference(self, request):
         return RetryingCall(self.reference, (request,), "reference", self.attempts, self.timeout_s, self.on_done, request.x_t.device).result()

@@ -3,18 +3,15 @@
 ZeRO-3 shards each network's parameters, gradients and Adam states across the trainer ranks;
 forward hooks gather a layer's parameters when it runs, so the roles' code calls the networks
 as plain modules. Every forward and backward is a collective: all ranks make the same calls.
+DeepSpeed's accelerator (cuda or cpu) is the worker's DS_ACCELERATOR (distar.cluster.session.worker_env).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor, nn
 
 from distar.config import OptimizerSpec, RunConfig
-
-os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def ds_config(cfg: RunConfig, spec: OptimizerSpec) -> dict:
@@ -47,7 +44,7 @@ def engine_for(module: nn.Module, cfg: RunConfig, spec: OptimizerSpec):
 
 
 class EngineUpdate:
-    """The DeepSpeed counterpart of roles.trainer.TorchUpdate: backward (gradients averaged over
+    """The DeepSpeed counterpart of distar.run.in_process.TorchUpdate: backward (gradients averaged over
     the ranks), clip by global norm, AdamW on this rank's shard."""
 
     def __init__(self, engine):

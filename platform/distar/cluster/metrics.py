@@ -6,19 +6,12 @@ so runs sharing a cluster (and Tune trials sharing pools) stay apart. dashboards
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from collections.abc import Callable
-from typing import Any
-
 from ray.util import metrics
+
+from distar.run.timing import STEP_PARTS
 
 LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 BATCH_BOUNDS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-# What a step's wall time is spent on. The first four are timed around the callables TrainerStep
-# is given (see StepParts); "forward" is the rest: the trainer's own forward passes (generator,
-# fake score, text encoder), the noise draws and the ranks' skip agreement.
-STEP_PARTS = ("reward", "reference", "fake_score_update", "generator_update", "forward")
 
 
 class RoleMetrics:
@@ -30,43 +23,6 @@ class RoleMetrics:
 
     def batch_ran(self, images: int) -> None:
         self.batch.observe(images, tags=self.tags)
-
-
-class _Waited:
-    """A pending result whose result() is timed (the part of a call the trainer waits for)."""
-
-    def __init__(self, result: Callable[[], Any]):
-        self.result = result
-
-
-class StepParts:
-    """Seconds of the current step spent in each part, added up by the callables it wraps.
-
-    The trainer step (roles/trainer.py) stays free of timing code: the train loop hands it wrapped
-    pool calls and optimiser updates instead. Parts are timed where the trainer waits for them, so
-    a reward call that overlaps the fake score's forward costs only what is left of it."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    def timed(self, part: str, call: Callable) -> Callable:
-        def run(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return call(*args, **kwargs)
-            finally:
-                self.seconds[part] += time.perf_counter() - start
-
-        return run
-
-    def waited(self, part: str, call: Callable) -> Callable:
-        """For a call that returns a pending result at once: time the wait in its result()."""
-        return lambda *args, **kwargs: _Waited(self.timed(part, call(*args, **kwargs).result))
-
-    def take(self) -> dict[str, float]:
-        """The step's seconds per part so far, and start the next step from zero."""
-        seconds, self.seconds = dict(self.seconds), defaultdict(float)
-        return seconds
 
 
 class TrainerMetrics:
@@ -95,10 +51,10 @@ class TrainerMetrics:
         self.latency.observe(seconds, tags={**self.tags, "role": role})
 
     def step_done(self, seconds: float, samples: int, values: dict[str, float], parts: dict[str, float], skipped_total: int) -> None:
-        """parts: StepParts.take() of this step; what they leave of `seconds` is counted as "forward"."""
+        """parts: StepParts.take() of this step."""
         self.step_time.observe(seconds, tags=self.tags)
         for part in STEP_PARTS:
-            spent = max(seconds - sum(parts.values()), 0.0) if part == "forward" else parts.get(part, 0.0)
+            spent = parts.get(part, 0.0)
             if spent > 0:  # Ray's Counter takes positive increments only (with objective.alpha = 0 there is no reference call)
                 self.step_part.inc(spent, tags={**self.tags, "part": part})
         self.samples.set(samples / seconds, tags=self.tags)

@@ -12,11 +12,13 @@ T = TypeVar("T")
 
 
 def moved(value: T, device: torch.device | str) -> T:
-    """A copy of a role's request or result (dataclass, dict or tensor) with every tensor on device."""
+    """A copy of a role's request or result (dataclass, dict, tuple, list or tensor) with every tensor on device."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, dict):
         return {k: moved(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(moved(v, device) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.replace(value, **{f.name: moved(getattr(value, f.name), device) for f in dataclasses.fields(value) if f.init})
     return value

@@ -6,7 +6,7 @@ seed + i) and is measured the same way:
 - `reward/<name>`: the mean score of each reward model the run config lists (PickScore, CLIP
   score, HPSv2.1, ImageReward, aesthetic, ...), on the images as generated.
 - `pref`, `acc/size|color|shape|position|all`: the shapes-world reader's mean pref and its
-  alignment accuracies (distar.toy.judge's reader), when every prompt is a shapes-world prompt.
+  alignment accuracies (distar.evaluation.judges), when every prompt is a shapes-world prompt.
 - `diversity`: the mean, over the first K prompts, of the RMS pixel distance (pixels in [0, 1])
   between two images of the same prompt from two noise seeds (seed + i and seed + N + i); 0 when
   a model ignores its noise. Needs no network and no model, so it means the same for any family.
@@ -28,40 +28,92 @@ also tied to its logged model (they appear on the model version's page) and the 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from distar.evaluation.measure import Judges, measure_model, ratios, release_freed_memory
-from distar.evaluation.runs import PREFIX, RATIO_PREFIX, EvaluationRuns
+from distar.data import HELD_OUT_SEED
+from distar.errors import UserError
+from distar.evaluation import measure, runs, subjects, table
+from distar.evaluation.judges import load_judges
 from distar.evaluation.subjects import Subject
-from distar.evaluation.table import fmt, markdown
 
 
-def evaluate(subjects: list[Subject], baseline: Subject, prompts: list[str], seed: int, judges: Judges, runs: EvaluationRuns | None,
-             notes: Sequence[str] = (), diversity_prompts: int = 16, device: str = "cpu", log: Callable[[str], None] = print) -> str:
-    """Measure every subject in turn (one model in memory at a time), then the ratios against
-    `baseline`; log it all when `runs` is given. Returns the markdown table."""
-    for s in subjects:
-        log(f"evaluating {s.label} ...")
-        start = time.perf_counter()
-        model = s.open()
-        model.pipe.to(device)
-        if model.t_star is None:
-            s.diffusion = (model.steps, model.cfg)
-        s.metrics, images = measure_model(model, prompts, seed, judges, diversity_prompts, device)
-        del model
-        if runs is not None:
-            runs.start(s)
-            runs.log_metrics(s, {PREFIX + k: v for k, v in s.metrics.items()})
-            runs.log_images(s, images)
-        log(f"  done in {time.perf_counter() - start:.1f} s: " + ", ".join(f"{k} {fmt(v)}" for k, v in s.metrics.items()))
-        del images
-        release_freed_memory()
-    for s in subjects:
-        s.ratios = ratios(s.metrics, baseline.metrics)
-        if runs is not None:
-            runs.log_metrics(s, {RATIO_PREFIX + k: v for k, v in s.ratios.items()})
-    table = markdown(subjects, baseline, notes)
-    if runs is not None:
-        runs.finish(subjects, table)
-    return table
+@dataclass(frozen=True)
+class Request:
+    """What to evaluate and how (jobs/evaluate.py's arguments)."""
+
+    prompts: str  # a prompt source
+    models: list[str] = field(default_factory=list)  # registry URIs, run artifacts, MLflow or diffusers folders
+    reference: str | None = None  # a reference diffusion model, sampled with `steps` at guidance `cfg`
+    steps: int = 50
+    cfg: float | None = None  # default: the run config's objective.cfg_scale
+    limit: int | None = None  # prompts spread evenly over the source
+    seed: int = HELD_OUT_SEED  # image i from noise seed seed + i
+    diversity_prompts: int = 16
+    baseline: str | None = None  # `reference` or one of `models`; default: the first row
+    config: str | None = None  # the run config whose rewards and tracking store are used
+    overrides: list[str] = field(default_factory=list)
+    tracking_uri: str | None = None
+    device: str | None = None  # default: cuda when there is one
+
+
+@dataclass
+class Report:
+    table: str  # markdown, with notes
+    subjects: list[Subject]
+    runs: runs.EvaluationRuns
+
+
+def run(request: Request, log: Callable[[str], None] = print) -> Report:
+    """Check every input (before any model loads), then measure every model and the reference on
+    the same prompts and noise, log a run per model, and return the table of values and ratios."""
+    from distar.config import load_config
+    from distar.data import load_prompts, spread
+    from distar.run.build import check_rewards
+    from distar.tracking import store
+
+    cfg = load_config(request.config, request.overrides)
+    prompts = load_prompts(request.prompts, "--prompts")
+    if request.limit is not None:
+        if request.limit < 1:
+            raise UserError(f"--limit: must be at least 1 (got {request.limit})")
+        prompts = spread(prompts, request.limit)
+    check_rewards(cfg)
+    device = _device(request.device)
+    cfg_scale = request.cfg if request.cfg is not None else cfg.objective.cfg_scale
+    evaluation_id, k = runs.new_evaluation_id(), min(request.diversity_prompts, len(prompts))
+    params = {"prompts": store.redact(request.prompts), "prompt_count": str(len(prompts)), "seed": str(request.seed), "diversity_prompts": str(k),
+              "device": device, "memory_method": measure.memory_method(device), **{f"reward.{r.name}": store.redact(r.source) for r in cfg.rewards}}
+    where = store.resolve(request.tracking_uri or cfg.tracking.mlflow_uri)
+    tracked = runs.EvaluationRuns(where, cfg.tracking.experiment, evaluation_id, params, prompts, request.prompts)
+    rows = [subjects.reference_subject(request.reference, cfg.model.family, request.steps, cfg_scale, device)] if request.reference else []
+    rows += [subjects.model_subject(uri, request.steps, cfg_scale, where) for uri in request.models]  # every URI checked before any model loads
+    baseline = _baseline(rows, request)
+    if request.reference == "tiny-random" or any(r.source == "tiny-random" for r in cfg.rewards):
+        log("note: tiny-random (untrained) models: the scores show the machinery works, not image quality.")
+    judges = load_judges(cfg, prompts, device)
+    notes = table.notes(evaluation_id, request, prompts, cfg.rewards, baseline, judges, k, device)
+    with tracked:
+        text = measure.measure_all(rows, baseline, prompts, request.seed, judges, tracked, notes, k, device, log=log)
+    return Report(text, rows, tracked)
+
+
+def _device(asked: str | None) -> str:
+    import torch
+
+    device = asked or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: torch sees no CUDA device on this machine")
+    return device
+
+
+def _baseline(rows: list[Subject], request: Request) -> Subject:
+    """The row ratios are taken against: the one --baseline names, else the first."""
+    if not request.baseline:
+        return rows[0]
+    given = (["reference"] if request.reference else []) + list(request.models)
+    named = [s for s, name in zip(rows, given) if name == request.baseline]
+    if not named:
+        raise UserError(f"--baseline: {request.baseline!r} is neither `reference` (with --reference) nor one of the --model arguments")
+    return named[0]
+

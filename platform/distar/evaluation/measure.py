@@ -1,4 +1,4 @@
-"""Measuring one model: its images' rewards and reader verdict, diversity, time and peak memory."""
+"""Measuring one model: its images' scores by the judges, diversity, time per image and peak memory."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
-import numpy as np
-
-ACCURACIES = ("size", "color", "shape", "position", "all")
+from distar.evaluation.judges import Judges
+from distar.evaluation.runs import PREFIX, RATIO_PREFIX, EvaluationRuns
+from distar.evaluation.subjects import Subject
+from distar.evaluation.table import fmt, markdown
 
 
 def memory_method(device: str) -> str:
@@ -79,59 +79,10 @@ def diversity(first, second) -> float:
     return float(d.mean())
 
 
-@dataclass
-class Judges:
-    """What scores the images: reward models by name, and the shapes-world reader (or None)."""
-
-    rewards: dict[str, Callable] = field(default_factory=dict)
-    reader: object | None = None
-    device: str = "cpu"
-    batch: int = 64
-    reader_size: int = 32  # distar.toy.world.SIZE
-
-    def score(self, images, prompts: list[str]) -> dict[str, float]:
-        import torch
-
-        out: dict[str, float] = {}
-        with torch.no_grad():
-            for name, reward in self.rewards.items():
-                scores = [reward(images[i : i + self.batch].to(self.device), prompts[i : i + self.batch]).float().cpu()
-                          for i in range(0, len(prompts), self.batch)]
-                out[f"reward/{name}"] = float(torch.cat(scores).mean())
-        if self.reader is not None and tuple(images.shape[-2:]) == (self.reader_size, self.reader_size):  # the reader reads 32x32 only
-            reading = self.reader.read(images.cpu())
-            out["pref"] = float(np.mean(reading.pref))
-            out.update({f"acc/{k}": v for k, v in reading.accuracy(prompts).items()})
-        return out
-
-
-def load_reader(prompts: Sequence[str]):
-    """The shapes-world reader when every prompt is the shapes world's, else None."""
-    from distar.toy import world
-
-    if not prompts or not all(world.is_world_prompt(p) for p in prompts):
-        return None
-    from distar.toy import assets
-    from distar.toy.reader import Reader
-
-    return Reader.load(assets.path("reader"))
-
-
-def load_judges(cfg, prompts: Sequence[str], device: str = "cpu") -> Judges:
-    """The run config's reward models (on `device`), and the toy reader when the prompts are the
-    shapes world's."""
-    from distar.models import sources
-    from distar.rewards import load_reward
-    from distar.storage import cache_dir
-
-    rewards = {r.name: load_reward(r.name, sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source")).to(device).eval()
-               for i, r in enumerate(cfg.rewards)}
-    return Judges(rewards, load_reader(prompts), device)
-
-
 def measure_model(model, prompts: list[str], seed: int, judges: Judges, diversity_prompts: int = 16, device: str = "cpu") -> tuple[dict[str, float], object]:
-    """Sample `model` (an ImageModel) on `prompts` with seeds seed.. seed+N-1 and measure it (see
-    the module docstring). Returns the metrics and the images."""
+    """Sample `model` (an Sampler) on `prompts` with seeds seed.. seed+N-1 and measure it (see
+    distar.evaluation's docstring; no diversity with diversity_prompts 0). Returns the metrics
+    and the images."""
     import torch
 
     n = len(prompts)
@@ -160,3 +111,33 @@ def ratios(metrics: dict[str, float], baseline: dict[str, float]) -> dict[str, f
         if base is not None and math.isfinite(base) and base != 0 and math.isfinite(value):
             out[key] = value / base
     return out
+
+
+def measure_all(subjects: list[Subject], baseline: Subject, prompts: list[str], seed: int, judges: Judges, runs: EvaluationRuns | None,
+             notes: Sequence[str] = (), diversity_prompts: int = 16, device: str = "cpu", log: Callable[[str], None] = print) -> str:
+    """Measure every subject in turn (one model in memory at a time), then the ratios against
+    `baseline`; log it all when `runs` is given. Returns the markdown table."""
+    for s in subjects:
+        log(f"evaluating {s.label} ...")
+        start = time.perf_counter()
+        model = s.open()
+        model.pipe.to(device)
+        if model.t_star is None:
+            s.diffusion = (model.steps, model.cfg)
+        s.metrics, images = measure_model(model, prompts, seed, judges, diversity_prompts, device)
+        del model
+        if runs is not None:
+            runs.start(s)
+            runs.log_metrics(s, {PREFIX + k: v for k, v in s.metrics.items()})
+            runs.log_images(s, images)
+        log(f"  done in {time.perf_counter() - start:.1f} s: " + ", ".join(f"{k} {fmt(v)}" for k, v in s.metrics.items()))
+        del images
+        release_freed_memory()
+    for s in subjects:
+        s.ratios = ratios(s.metrics, baseline.metrics)
+        if runs is not None:
+            runs.log_metrics(s, {RATIO_PREFIX + k: v for k, v in s.ratios.items()})
+    table = markdown(subjects, baseline, notes)
+    if runs is not None:
+        runs.finish(subjects, table)
+    return table

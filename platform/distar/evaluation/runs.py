@@ -28,13 +28,13 @@ class EvaluationRuns:
     """The MLflow side of one invocation: a run per subject, finished together once the ratios
     are known; a failure ends every open run FAILED with the error as a tag."""
 
-    def __init__(self, uri: str, experiment: str, evaluation_id: str, params: dict[str, str], prompts: list[str], prompt_source: str):
+    def __init__(self, where: store.Store, experiment: str, evaluation_id: str, params: dict[str, str], prompts: list[str], prompt_source: str):
         import mlflow
         import pandas as pd
 
-        self.uri, self.evaluation_id, self.params = uri, evaluation_id, params
-        self.experiment_id = store.connect(uri, experiment)
-        self.client, self.open_runs = mlflow.MlflowClient(uri), []
+        self.uri, self.evaluation_id, self.params = where.uri, evaluation_id, params
+        self.experiment_id = store.connect(where, experiment)  # also where registry URIs resolve and models load from
+        self.client, self.open_runs = where.client(), []
         self.prompts = prompts
         with warnings.catch_warnings():  # "the source can be interpreted in multiple ways": a path or a name, either is fine
             warnings.simplefilter("ignore")

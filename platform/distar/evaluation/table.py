@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from distar.evaluation.measure import ACCURACIES
+from distar.evaluation.judges import ACCURACIES
 from distar.evaluation.subjects import Subject
 
 # Table headings; metrics not listed here are shown under their own names.
@@ -63,3 +63,24 @@ def side_by_side(old: tuple[str, dict[str, float]] | None, new: tuple[str, dict[
         diff = f"{b - a:+.4g}" if math.isfinite(a) and math.isfinite(b) else "n/a"
         lines.append(f"| {k} | {fmt(a)} | {fmt(b)} | {diff} |")
     return "\n".join(lines)
+
+
+def notes(evaluation_id: str, request, prompts: list[str], rewards, baseline: Subject, judges, k: int, device: str) -> list[str]:
+    """The lines under an evaluation's table: what was measured, on what, and how."""
+    import torch
+
+    from distar.evaluation.measure import memory_method
+    from distar.tracking.store import redact
+
+    spread = f" (spread evenly over the source, --limit {request.limit})" if request.limit else ""
+    return [
+        f"evaluation {evaluation_id}: {len(prompts)} prompts from `{redact(request.prompts)}`{spread}, image i from noise seed {request.seed} + i",
+        f"cells: value (ratio to the baseline row, {baseline.label}), all measured in this one invocation",
+        f"rewards: {', '.join(f'{r.name} ({redact(r.source)})' for r in rewards) or 'none configured'}"
+        + ("; pref and acc: the shapes-world reader" if judges.reader is not None else ""),
+        f"diversity: mean RMS pixel distance (pixels in [0, 1]) between two images of the same prompt from two noise seeds, over the first {k} prompts",
+        f"s/image: wall time to generate all {len(prompts)} images after a warm-up call, over {len(prompts)}, on {device}"
+        + (f", torch threads: {torch.get_num_threads()}" if device == "cpu" else ""),
+        f"peak MB: {memory_method(device)}",
+        "UNet calls: network evaluations per image (steps x 2 with classifier-free guidance)",
+    ]

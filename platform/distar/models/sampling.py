@@ -27,7 +27,7 @@ class _StartsAtTStar(logging.Filter):
         return not record.getMessage().startswith("The first timestep on the custom timestep schedule")
 
 
-logging.getLogger("diffusers.schedulers.scheduling_lcm").addFilter(_StartsAtTStar())
+_QUIET_LCM = _StartsAtTStar()
 
 
 def one_step_timestep(folder: str | Path) -> int | None:
@@ -43,12 +43,16 @@ def load_pipeline(folder: str | Path, dtype: torch.dtype = torch.float32):
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
     if one_step_timestep(folder) is None:  # a diffusion model: sample with DDIM
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=True)
+    else:
+        logging.getLogger("diffusers.schedulers.scheduling_lcm").addFilter(_QUIET_LCM)  # once: the same filter object
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-class ImageModel:
-    """A pipeline folder loaded once and sampled by (prompt, seed) pairs.
+class Sampler:
+    """A pipeline folder (a one-step generator or a diffusion model) loaded once and sampled by
+    (prompt, seed) pairs: what jobs/generate.py, evaluation, the registered pyfunc model and the
+    Serve endpoint all generate with.
 
     `steps` and `cfg` apply to diffusion models only; a one-step generator takes its one step at
     t* without guidance (DI* trains the guidance in)."""

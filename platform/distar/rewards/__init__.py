@@ -1,23 +1,22 @@
 """Reward models: each maps images in [0, 1] (differentiably) and prompts to one score per image.
 
-`load_reward(name, folder)` is the registry; the config's reward names are its keys. Each
-wrapper's module docstring describes the folder it loads.
+`REWARDS` is the registry: the config's reward names are its keys (config.py takes its
+choices from here), each naming the wrapper that loads it and the package it needs beyond the
+project's own. Wrappers are imported only when a reward loads, so reading a config imports no
+torch. Each wrapper's module docstring describes the folder it loads.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Protocol
 
 from distar.errors import UserError
-from distar.rewards.aesthetic import AestheticReward
-from distar.rewards.clip import ClipReward
-from distar.rewards.hpsv2 import HpsReward
-from distar.rewards.image_reward import BlipReward
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class RewardModel(Protocol):
@@ -30,38 +29,46 @@ class RewardModel(Protocol):
 
 
 class MissingPackageError(UserError):
-    """A reward model whose package is not installed (or does not import); str() is the message to print."""
+    """A reward model whose package is not installed (or does not import)."""
 
 
-def _needs(module: str, pip_name: str, why: str, load: Callable[[Path], RewardModel]) -> Callable[[Path], RewardModel]:
-    """`load`, preceded by a check that `module` imports, so a missing package is one clear line."""
+@dataclass(frozen=True)
+class Entry:
+    wrapper: str  # "module:Class" with a from_pretrained(folder, **options)
+    options: dict = field(default_factory=dict)
+    needs: tuple[str, str, str] | None = None  # (module, pip name, why) of a package the project does not install
 
-    def loader(folder: Path) -> RewardModel:
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            if isinstance(e, ModuleNotFoundError) and e.name == module:
-                raise MissingPackageError(f"this reward needs the {pip_name} package: pip install {pip_name} ({why})") from None
-            # Installed, but it (or one of its own imports) fails: say so rather than "install it".
-            raise MissingPackageError(f"{pip_name} is installed but does not import ({e}); {why}") from e
-        return load(folder)
-
-    return loader
+    def load(self, folder: Path) -> RewardModel:
+        if self.needs is not None:
+            _check_package(*self.needs)
+        module, name = self.wrapper.split(":")
+        return getattr(importlib.import_module(module), name).from_pretrained(folder, **self.options)
 
 
-LOADERS: dict[str, Callable[[Path], RewardModel]] = {
-    "pickscore": lambda folder: ClipReward.from_pretrained(folder, kind="pickscore"),
-    "clip_score": lambda folder: ClipReward.from_pretrained(folder, kind="clip_score"),
-    "aesthetic": AestheticReward.from_pretrained,
-    "hpsv2": _needs("open_clip", "open-clip-torch", "HPSv2.1 is an open_clip ViT-H-14, which transformers cannot build", HpsReward.from_pretrained),
-    "image_reward": _needs("ImageReward", "image-reward", "ImageReward's BLIP model comes from that package; transformers cannot build it", BlipReward.from_pretrained),
+REWARDS: dict[str, Entry] = {
+    "pickscore": Entry("distar.rewards.clip:ClipReward", {"kind": "pickscore"}),
+    "clip_score": Entry("distar.rewards.clip:ClipReward", {"kind": "clip_score"}),
+    "hpsv2": Entry("distar.rewards.hpsv2:HpsReward",
+                   needs=("open_clip", "open-clip-torch", "HPSv2.1 is an open_clip ViT-H-14, which transformers cannot build")),
+    "image_reward": Entry("distar.rewards.image_reward:BlipReward",
+                          needs=("ImageReward", "image-reward", "ImageReward's BLIP model comes from that package; transformers cannot build it")),
+    "aesthetic": Entry("distar.rewards.aesthetic:AestheticReward"),
 }
+REWARD_NAMES = tuple(REWARDS)
+
+
+def _check_package(module: str, pip_name: str, why: str) -> None:
+    """A missing optional package is one clear line, not an ImportError deep in a wrapper."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == module:
+            raise MissingPackageError(f"this reward needs the {pip_name} package: pip install {pip_name} ({why})") from None
+        # Installed, but it (or one of its own imports) fails: say so rather than "install it".
+        raise MissingPackageError(f"{pip_name} is installed but does not import ({e}); {why}") from e
 
 
 def load_reward(name: str, folder: str | Path) -> RewardModel:
-    if name not in LOADERS:
-        raise UserError(f"unknown reward {name!r}; known: {sorted(LOADERS)}")
-    return LOADERS[name](Path(folder))
-
-
-__all__ = ["RewardModel", "MissingPackageError", "load_reward", "LOADERS"]
+    if name not in REWARDS:
+        raise UserError(f"unknown reward {name!r}; known: {sorted(REWARDS)}")
+    return REWARDS[name].load(Path(folder))

@@ -1,4 +1,6 @@
-"""The roles of a DI* run as plain classes (no Ray): reward worker, reference pool, trainer step.
+"""The roles of a DI* run as plain classes (no Ray, no I/O), with their request and result types:
+the reward worker, the reference worker and the trainer step.
 
-Ray wraps these same classes as actors; the in-process runner wires them in one process.
+A pool is a set of workers: on Ray each replica of a Serve deployment holds one (distar.cluster);
+in one process the run calls them directly (distar.run.in_process).
 """

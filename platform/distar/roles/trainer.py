@@ -16,7 +16,7 @@ from typing import Generic, Protocol, TypeVar
 import torch
 from torch import Tensor, nn
 
-from distar.config import ObjectiveSection, OptimizerSpec, OptimSection, RewardSpec
+from distar.config import ObjectiveSection, OptimSection, RewardSpec
 from distar.models.diffusion import Denoiser, OneStepGenerator, TextConditioner
 from distar.objectives import (
     DivergenceSpec,
@@ -28,10 +28,11 @@ from distar.objectives import (
     trainer_side,
     weighted_reward_grad,
 )
-from distar.roles.reference_pool import ReferenceRequest, ReferenceResult
-from distar.roles.reward_worker import RewardResult
+from distar.roles.reference_worker import ReferenceRequest, ReferenceResult
+from distar.roles.reward_worker import RewardRequest, RewardResult
 
 T = TypeVar("T", covariant=True)
+Update = Callable[[Tensor], float]  # back-propagate a loss and step one network; returns its gradient norm
 
 
 class Pending(Protocol[T]):
@@ -45,23 +46,6 @@ def divergence_spec(objective: ObjectiveSection) -> DivergenceSpec:
         kind=objective.divergence, distance=objective.distance, huber_c=objective.huber_c,
         cfg_scale=objective.cfg_scale, cfg_placement=objective.cfg_placement,
     )
-
-
-class TorchUpdate:
-    """AdamW with global grad-norm clipping on one network: the in-process optimiser. Under Ray
-    Train a DeepSpeed engine takes its place (distar.cluster.engines.EngineUpdate)."""
-
-    def __init__(self, module: nn.Module, spec: OptimizerSpec, grad_clip: float | None):
-        self.module, self.clip = module, grad_clip if grad_clip is not None else float("inf")
-        self.opt = torch.optim.AdamW(module.parameters(), lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
-
-    def __call__(self, loss: Tensor) -> float:
-        """Back-propagate the loss and step; returns the gradient norm before clipping."""
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
-        self.opt.step()
-        return norm.item()
 
 
 @contextlib.contextmanager
@@ -127,26 +111,23 @@ class TrainerStep:
         objective: ObjectiveSection,
         rewards: list[RewardSpec],
         optim: OptimSection,
-        score_rewards: Callable[[Tensor, list[str]], Pending[RewardResult]],
+        score_rewards: Callable[[RewardRequest], Pending[RewardResult]],
         query_reference: Callable[[ReferenceRequest], ReferenceResult],
-        updates: tuple[Callable[[Tensor], float], Callable[[Tensor], float]] | None = None,
+        updates: tuple[Update, Update],
         shard: Shard = Shard(),
         all_ranks_agree: Callable[[bool], bool] = lambda ok: ok,
     ):
         """score_rewards returns at once with a pending result, so scoring overlaps the fake forward.
-        updates: (generator, fake score) "backward and step" callables; default: TorchUpdate.
-        all_ranks_agree: True only if every trainer rank passes True (the skip decision must be the
-        same on all ranks: ZeRO-3 runs every backward as a collective)."""
+        updates: the generator's and the fake score's (torch AdamW in one process, DeepSpeed
+        engines on Ray Train). all_ranks_agree: True only if every trainer rank passes True (the
+        skip decision must be the same on all ranks: ZeRO-3 runs every backward as a collective)."""
         self.generator, self.fake, self.conditioner = generator, fake, conditioner
         self.latent_shape, self.objective, self.optim = latent_shape, objective, optim
         self.weights = {r.name: r.weight for r in rewards}
         self.spec = divergence_spec(objective)
         self.score_rewards, self.query_reference = score_rewards, query_reference
         self.schedule = generator.schedule
-        self.gen_update, self.fake_update = updates or (
-            TorchUpdate(generator, optim.generator, optim.grad_clip),
-            TorchUpdate(fake, optim.fake_score, optim.grad_clip),
-        )
+        self.gen_update, self.fake_update = updates
         self.shard, self.all_ranks_agree = shard, all_ranks_agree
 
     def step(self, prompts: list[str], rng: torch.Generator) -> dict[str, float]:
@@ -185,13 +166,12 @@ class TrainerStep:
         """Scalar loss whose gradient w.r.t. the generator is the DI* gradient; and its metrics."""
         cond = self.conditioner(prompts)
         x0 = self.generator(d.z, cond)
-        pending = self.score_rewards(x0.detach(), prompts)  # scored while the fake score runs below
+        pending = self.score_rewards(RewardRequest(x0.detach(), prompts))  # scored while the fake score runs below
         loss, metrics = torch.zeros(len(prompts), dtype=x0.dtype, device=x0.device), {}
         if self.objective.alpha > 0:
             x_t = self.schedule.add_noise(x0, d.eps, d.t)
             a, b = self.schedule.ab(d.t, x0)
-            with frozen(self.fake):
-                d_fake = self.fake(x_t, d.t, cond)
+            d_fake = self.fake(x_t, d.t, cond)  # frozen by step(): gradient flows through its input only
             ref = self.query_reference(ReferenceRequest(x_t.detach(), d.t, prompts, x0.detach(), d_fake.detach(), self.spec))
             w = self.objective.alpha * timestep_weight(a, b, self.objective.weighting).flatten()
             loss = w * trainer_side(d_fake, ref.d_ref, x0, x_t, ref.g_ref, a, b, self.spec)

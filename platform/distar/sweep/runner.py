@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ray import tune
 
-from distar.cluster import launch
+from distar.cluster import launch, session
 from distar.config import RunConfig
 from distar.errors import RunFailed, UserError
 from distar.sweep import results
-from distar.sweep.space import Space
+from distar.sweep.space import Space, SpaceError
 from distar.sweep.trial import TrialSetup, child_run, run_trial, trial_config
 from distar.tracking import registry
 from distar.tracking.runs import TrainingRun, end_with_error
@@ -50,7 +49,7 @@ class SweepResult:
 
 def _needs(cfg: RunConfig, shared_pools: bool) -> tuple[dict[str, float], dict[str, float]]:
     """(what the sweep holds once, what each running trial holds): pools shared or one set a trial."""
-    pools, trial = launch.pool_resources(cfg), launch.trainer_resources(cfg)
+    pools, trial = session.pool_resources(cfg), session.trainer_resources(cfg)
     trial["CPU"] += DRIVER_CPU
     if shared_pools:
         return pools, trial
@@ -92,7 +91,7 @@ def _scheduler(cfg: RunConfig, space: Space):
         return tune.schedulers.FIFOScheduler()
     last_rung = validations_per_trial(cfg) - 1
     if space.grace_period > last_rung:
-        raise UserError(f"space error: scheduler.grace_period: {space.grace_period}, but ASHA can stop a trial only after validations 1 to {last_rung} "
+        raise SpaceError(f"scheduler.grace_period: {space.grace_period}, but ASHA can stop a trial only after validations 1 to {last_rung} "
                         f"(run.steps {cfg.run.steps} / run.validate_every {cfg.run.validate_every} makes {last_rung + 1}); lower it or validate more often")
     return tune.schedulers.ASHAScheduler(time_attr="validations", metric=space.metric, mode=space.mode, max_t=last_rung, stop_last_trials=False,
                                          grace_period=space.grace_period, reduction_factor=space.reduction_factor)
@@ -175,7 +174,7 @@ def sweep(cfg: RunConfig, space: Space, space_text: str, log: Callable[[str], No
     pools, started and stopped by the trial: the baseline that bench/sweep_sharing.py measures."""
     import ray
 
-    from distar.cluster.pools import Pools, start_serve
+    from distar.cluster.pools import start_serve
 
     cfg = launch.local_paths_made_absolute(cfg)
     folder = Path(cfg.run.output_dir)
@@ -185,23 +184,21 @@ def sweep(cfg: RunConfig, space: Space, space_text: str, log: Callable[[str], No
     if recorded.get("finished"):
         raise UserError(f"run.output_dir: {folder} holds a finished sweep (MLflow run {recorded['parent_run_id']}); choose another folder")
     earlier = recorded.get("parent_run_id") if tune.Tuner.can_restore(folder / "tune") else None
-    started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     local_trials = min(space.max_concurrent or 1, space.trials)  # what a local instance makes room for
     once, trial = _needs(cfg, shared_pools)
-    log(f"Ray dashboard: {launch.connect(cfg, once['CPU'] + local_trials * trial['CPU'])}")
-    pools = None
-    try:
+    with session.RaySession(cfg, once["CPU"] + local_trials * trial["CPU"], log) as ray_session:
         n = concurrency(cfg, space, ray.cluster_resources(), shared_pools)
-        with TrainingRun(cfg, launch.job_id(), kind="sweep", run_id=earlier) as parent:
+        with TrainingRun(cfg, session.job_id(), kind="sweep", run_id=earlier) as parent:
             state.write_text(json.dumps({"parent_run_id": parent.run_id}))
             parent.client.log_text(parent.run_id, space_text, "space.yaml")
             log(f"MLflow: {parent.link()}" + (" (resumed)" if earlier else ""))
             log(f"{space.trials} trials, {n} at a time; " + ("starting the shared reward and reference pools (Ray Serve)" if shared_pools else "each with its own pools"))
             if shared_pools:
-                pools = Pools.start(cfg, launch.WORKER_ENV)
+                pools = ray_session.start_pools()
             else:
+                pools = None
                 start_serve()  # each trial deploys its own pools on it
-            setup = TrialSetup(cfg.model_dump(mode="json"), pools, parent.run_id, launch.job_id())
+            setup = TrialSetup(cfg.model_dump(mode="json"), pools, parent.run_id, session.job_id())
             if earlier is None:  # a fresh sweep in a folder an earlier, finished one used
                 for name in (TRIALS_FILE, ENDED_FILE):
                     (folder / name).unlink(missing_ok=True)
@@ -212,16 +209,11 @@ def sweep(cfg: RunConfig, space: Space, space_text: str, log: Callable[[str], No
             result = _conclude(cfg, space, parent, outcomes, folder, log)
             state.write_text(json.dumps({"parent_run_id": parent.run_id, "finished": True}))
             return result
-    finally:
-        if pools is not None:
-            pools.shutdown()
-        if started_ray:
-            ray.shutdown()
 
 
 def _conclude(cfg: RunConfig, space: Space, parent: TrainingRun, outcomes: list[results.Outcome], folder: Path, log) -> SweepResult:
     """The table, the plot and the selection: registers the selected trial's generator and ends the parent run FINISHED."""
-    from distar.roles.validation import metric_names
+    from distar.run.validation import metric_names
 
     metrics = metric_names(cfg)
     rule = f"best final {space.select_metric} ({space.select_mode}) among completed trials"

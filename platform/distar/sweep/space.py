@@ -41,7 +41,9 @@ SHARED = re.compile(r"^(model\.(family|reference|num_train_timesteps|resolution|
 
 
 class SpaceError(UserError):
-    """A bad space file; str() names the entry."""
+    """A bad space file; the message names the entry."""
+
+    kind = "space error"
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class Space:
 
 
 def _fail(entry: str, message: str) -> SpaceError:
-    return SpaceError(f"space error: {entry}: {message}")
+    return SpaceError(f"{entry}: {message}")
 
 
 def _section(tree: dict, name: str, allowed: set[str]) -> dict:
@@ -151,12 +153,12 @@ def _check_against_config(path: str, dist: Distribution, base: str | Path | None
         try:
             load_config(base, [*overrides, f"{path}={json.dumps(value)}"])
         except ConfigError as e:
-            reason = str(e).splitlines()[0].removeprefix("config error: ")
+            reason = e.message.splitlines()[0]
             raise _fail(f"parameters.{path}.{dist.kind}", f"{value!r} is not a valid value ({reason})") from None
 
 
 def _check_reported(metric: str, entry: str, cfg: RunConfig) -> None:
-    from distar.roles.validation import metric_names
+    from distar.run.validation import metric_names
 
     names = metric_names(cfg)
     if not names:

@@ -47,27 +47,21 @@ def child_run(client, parent_run_id: str, trial_id: str) -> str | None:
 
 
 def run_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
-    import mlflow
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from distar.cluster import launch
+    from distar.cluster.session import RaySession
     from distar.tracking import registry
     from distar.tracking.runs import TrainingRun
-    from distar.tracking.store import connect, tracking_uri
+    from distar.tracking.store import resolve
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(setup.base, sampled, trial_id)
-    uri = tracking_uri(cfg.tracking.mlflow_uri)
-    connect(uri, cfg.tracking.experiment)
-    earlier = child_run(mlflow.MlflowClient(uri), setup.parent_run_id, trial_id)
+    earlier = child_run(resolve(cfg.tracking.mlflow_uri).client(), setup.parent_run_id, trial_id)
     tags = {PARENT_TAG: setup.parent_run_id, TRIAL_TAG: trial_id}
-    pools = setup.pools or Pools.start(cfg, launch.WORKER_ENV)
-    try:
-        with TrainingRun(cfg, setup.job_id, kind="trial", tags=tags, run_id=earlier) as tracked:
-            folder = launch.fit(cfg, pools, tracked.target, callbacks=[TuneReportCallback()])
-            registry.log_generator(tracked.client, tracked.run_id, folder, cfg)
-            tracked.finish()
-    finally:
-        if setup.pools is None:
-            pools.shutdown()
+    with RaySession(cfg) as session, TrainingRun(cfg, setup.job_id, kind="trial", tags=tags, run_id=earlier) as tracked:
+        pools = setup.pools or session.start_pools()
+        outcome = launch.fit(cfg, pools, tracked.target, callbacks=[TuneReportCallback()])
+        registry.log_generator(tracked.client, tracked.run_id, outcome.exported(), cfg)
+        tracked.finish()

@@ -101,6 +101,12 @@ def all_prompts() -> list[str]:
     return [prompt_of(s, c, sh, p) for s in SIZES for c in COLORS for sh in SHAPES for p in POSITIONS]
 
 
+def held_out_prompts(n: int, seed: int) -> list[str]:
+    """`n` prompts drawn with replacement, by a seed of their own (judging the world's models)."""
+    rng = np.random.default_rng(seed)
+    return [all_prompts()[i] for i in rng.integers(0, len(all_prompts()), n)]
+
+
 def pref_of(saturation: float, blur: float, clutter: float) -> float:
     return (saturation - 0.35) / 0.65 + (1 - blur / 1.2) + (1 - clutter / 20)
 

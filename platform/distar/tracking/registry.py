@@ -26,7 +26,7 @@ from mlflow.types import ColSpec, Schema
 
 from distar.config import RunConfig
 from distar.errors import UserError
-from distar.models.sampling import ImageModel
+from distar.models.sampling import Sampler
 from distar.tracking import store
 
 ARTIFACT = "generator"  # the model's path in its run
@@ -57,7 +57,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     """The pyfunc face of a pipeline folder: a table of requests in, a table of PNGs out."""
 
     def load_context(self, context) -> None:
-        self.model = ImageModel(context.artifacts["pipeline"])
+        self.model = Sampler(context.artifacts["pipeline"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         n = len(model_input)
@@ -129,7 +129,7 @@ def register(client: mlflow.MlflowClient, run_id: str, folder: Path, cfg: RunCon
 
 @dataclass
 class Loaded:
-    model: ImageModel
+    model: Sampler
     uri: str
     name: str | None = None  # registered model name and version, when loaded from the registry
     version: str | None = None
@@ -139,12 +139,11 @@ class Loaded:
         return f"{self.name} v{self.version}" if self.version else self.uri
 
 
-def resolve_version(uri: str) -> tuple[str, str]:
-    """`models:/name@alias` or `models:/name/N` -> (name, version), by asking the registry."""
-    body = uri.removeprefix("models:/")
-    client = mlflow.MlflowClient()
+def resolve_version(uri: str, where: store.Store) -> tuple[str, str]:
+    """`models:/name@alias` or `models:/name/N` -> (name, version), by asking the registry of `where`."""
     from mlflow.exceptions import MlflowException
 
+    body, client = uri.removeprefix("models:/"), where.client()
     try:
         if "@" in body:
             name, alias = body.split("@", 1)
@@ -154,21 +153,25 @@ def resolve_version(uri: str) -> tuple[str, str]:
             raise UserError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
         return name, client.get_model_version(name, number).version
     except MlflowException as e:
-        raise UserError(f"{uri}: not in the registry at {store.redact(mlflow.get_tracking_uri())} ({e.error_code})") from None
+        raise UserError(f"{uri}: not in the registry at {store.redact(where.uri)} ({e.error_code})") from None
 
 
-def load(uri: str) -> Loaded:
-    """Open any generator location (see the module docstring) as an ImageModel."""
+def load(uri: str, where: store.Store | None = None) -> Loaded:
+    """Open any generator location (see the module docstring) as an Sampler; registry and run
+    URIs are read from the store `where` (default: store.resolve()), to which this process connects."""
     from mlflow.exceptions import MlflowException
 
     name = version = None
-    if uri.startswith("models:/"):
-        name, version = resolve_version(uri)
-        uri = f"models:/{name}/{version}"  # pin the version: an alias may move while we load
     remote = uri.startswith(("models:/", "runs:/")) or "://" in uri
+    if remote:
+        where = where or store.resolve()
+        store.connect(where)  # MLflow downloads models:/ and runs:/ artifacts from the connected store
+    if uri.startswith("models:/"):
+        name, version = resolve_version(uri, where)
+        uri = f"models:/{name}/{version}"  # pin the version: an alias may move while we load
     local = Path(uri).expanduser()
     if not remote and (local / "model_index.json").is_file():
-        return Loaded(ImageModel(local), str(local))
+        return Loaded(Sampler(local), str(local))
     if not remote and not (local / "MLmodel").is_file():
         raise UserError(f"{uri}: not a diffusers pipeline folder, an MLflow model folder, nor a models:/ or runs:/ URI")
     try:

@@ -5,16 +5,16 @@ per-step metrics, the image grids and the system metrics into it.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from distar.config import RunConfig
+from distar.errors import UserError
 from distar.tracking import store
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout, when distar runs from one
@@ -70,19 +70,19 @@ def run_link(uri: str, experiment_id: str, run_id: str) -> str:
 def end_with_error(client, run_id: str, kind: type[BaseException], error: BaseException) -> None:
     """End a run KILLED (Ctrl-C) or FAILED, with the error as the `distar.error` tag."""
     interrupted = issubclass(kind, KeyboardInterrupt)
-    client.set_tag(run_id, "distar.error", "interrupted" if interrupted else store.redact(f"{kind.__name__}: {error}")[:5000])
+    text = error.message if isinstance(error, UserError) else str(error)  # without the kind a job prints before it
+    client.set_tag(run_id, "distar.error", "interrupted" if interrupted else store.redact(f"{kind.__name__}: {text}")[:5000])
     client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
 
 
 @dataclass(frozen=True)
 class RunTarget:
-    """What rank 0 needs to write into the driver's run, wherever it runs: the server's
-    credentials travel along, never printed."""
+    """What rank 0 needs to write into the driver's run, wherever it runs: the store (with its
+    credentials, never printed) and the run."""
 
-    uri: str
+    store: store.Store
     run_id: str
     grid_every: int
-    credentials: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 class TrainingRun:
@@ -94,11 +94,12 @@ class TrainingRun:
         """`kind` and `tags` mark sweeps and their trials; `run_id` reopens a run (a resumed sweep's)."""
         import mlflow
 
-        self.cfg, self.uri = cfg, store.tracking_uri(cfg.tracking.mlflow_uri)
-        experiment = store.connect(self.uri, cfg.tracking.experiment)
+        self.cfg, self.store = cfg, store.resolve(cfg.tracking.mlflow_uri)
+        self.uri = self.store.uri
+        experiment = store.connect(self.store, cfg.tracking.experiment)
         tags = {"distar.kind": kind, "mlflow.source.git.commit": git_commit(), "ray.job_id": job_id,
                 "distar.output_dir": str(Path(cfg.run.output_dir).resolve()), **(tags or {})}
-        self.client = mlflow.MlflowClient(self.uri)
+        self.client = self.store.client()
         if run_id is None:
             run_id = self.client.create_run(experiment, run_name=cfg.run.name, tags={k: v for k, v in tags.items() if v}).info.run_id
         else:
@@ -112,7 +113,7 @@ class TrainingRun:
 
     @property
     def target(self) -> RunTarget:
-        return RunTarget(self.uri, self.run_id, self.cfg.tracking.grid_every, {k: os.environ[k] for k in store.CREDENTIALS if k in os.environ})
+        return RunTarget(self.store, self.run_id, self.cfg.tracking.grid_every)
 
     def link(self) -> str:
         return run_link(self.uri, self.client.get_run(self.run_id).info.experiment_id, self.run_id)
@@ -141,13 +142,12 @@ class StepLogger:
     """Rank 0's side: every step's values (sent in batches), grids and system metrics."""
 
     def __init__(self, target: RunTarget, flush_every: int = 25):
-        import mlflow
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self.target, self.flush_every, self.pending = target, flush_every, []
-        os.environ.update(target.credentials)
-        self.client = mlflow.MlflowClient(target.uri)
-        self.system = SystemMetricsMonitor(target.run_id, resume_logging=True, tracking_uri=target.uri)  # MLFLOW_SYSTEM_METRICS_* env vars tune it
+        store.connect(target.store)  # rank 0 of a Ray Train run is a process of its own
+        self.client = target.store.client()
+        self.system = SystemMetricsMonitor(target.run_id, resume_logging=True, tracking_uri=target.store.uri)  # MLFLOW_SYSTEM_METRICS_* env vars tune it
         self.system.start()
 
     def step(self, step: int, values: dict[str, float]) -> None:

@@ -1,4 +1,6 @@
-"""Reference pool: the frozen reference with CFG; returns D_ref and its share of the divergence gradient."""
+"""Reference worker: the frozen reference with CFG; returns D_ref and its share of the divergence gradient.
+
+The reference pool is a set of these, one per replica (distar.cluster.pools.ReferencePool)."""
 
 from __future__ import annotations
 
@@ -23,14 +25,25 @@ class ReferenceRequest:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    @classmethod
+    def merge(cls, requests: list[ReferenceRequest]) -> ReferenceRequest:
+        """One request of the same objective for all of them (their specs must be equal)."""
+        (spec,) = {r.spec for r in requests}
+        cat = lambda name: torch.cat([getattr(r, name) for r in requests])  # noqa: E731
+        return cls(cat("x_t"), cat("t"), [p for r in requests for p in r.prompts], cat("x0"), cat("d_fake"), spec)
+
 
 @dataclass
 class ReferenceResult:
     d_ref: Tensor
     g_ref: Tensor | None  # dL/dx_t through the reference; None when the trainer needs none
 
+    def split(self, sizes: list[int]) -> list[ReferenceResult]:
+        g_ref = [None] * len(sizes) if self.g_ref is None else self.g_ref.split(sizes)
+        return [ReferenceResult(d, g) for d, g in zip(self.d_ref.split(sizes), g_ref)]
 
-class ReferencePool:
+
+class ReferenceWorker:
     """Holds the reference UNet and text encoder(s); stateless with respect to hyperparameters."""
 
     def __init__(self, denoiser: Denoiser, conditioner: TextConditioner):

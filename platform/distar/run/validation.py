@@ -7,30 +7,28 @@ Tune, whose scheduler stops trials and whose sweep picks the best one by them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from distar.config import RunConfig
-from distar.data import validation_prompts
-from distar.evaluation.measure import ACCURACIES, Judges, load_reader
+from distar.data import HELD_OUT_SEED, validation_prompts
+from distar.evaluation.judges import Judges, load_reader, reader_metrics, reader_reads
 from distar.models.diffusion import DiffusionParts, OneStepGenerator
-from distar.roles.outputs import one_step_latents
-from distar.roles.reward_worker import RewardResult
-from distar.roles.trainer import Pending
-from distar.toy.judge import HELD_OUT_SEED
+from distar.roles.reward_worker import RewardRequest
+from distar.run.record import one_step_latents
+from distar.run.runtime import ScoreRewards
 
 PREFIX = "val/"
-ScoreRewards = Callable[[torch.Tensor, list[str]], Pending[RewardResult]]
 
 
 def metric_names(cfg: RunConfig) -> list[str]:
     """The val/* metrics a run of `cfg` reports (the reader's only in the shapes world)."""
-    names = [f"{PREFIX}reward/{r.name}" for r in cfg.rewards]
     prompts = validation_prompts(cfg.data.prompts, cfg.data.validation_prompts, cfg.data.validation_size)
-    if load_reader(prompts[:1]) is not None and cfg.model.resolution == Judges.reader_size:
-        names += [f"{PREFIX}pref"] + [f"{PREFIX}acc/{k}" for k in ACCURACIES]
-    return names if prompts else []
+    if not prompts:
+        return []
+    names = [f"reward/{r.name}" for r in cfg.rewards]
+    if reader_reads(prompts, cfg.model.resolution):
+        names += reader_metrics()
+    return [PREFIX + name for name in names]
 
 
 class Validation:
@@ -55,8 +53,8 @@ class Validation:
         x0 = one_step_latents(generator, self.parts.conditioner, self.latent_shape, self.prompts, HELD_OUT_SEED, self.chunk)
         if self.score_rewards is None:
             return {}
-        pieces = [(x0[i : i + self.chunk], self.prompts[i : i + self.chunk]) for i in range(0, len(x0), self.chunk)]
-        pending = [self.score_rewards(x.detach(), p) for x, p in pieces]  # all in flight at once
+        pending = [self.score_rewards(RewardRequest(x0[i : i + self.chunk].detach(), self.prompts[i : i + self.chunk]))
+                   for i in range(0, len(x0), self.chunk)]  # all in flight at once
         results = [p.result().rewards for p in pending]
         values = {f"{PREFIX}reward/{name}": float(torch.cat([r[name] for r in results]).float().mean()) for name in results[0]}
         with torch.no_grad():

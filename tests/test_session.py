@@ -1,6 +1,10 @@
 """The driver's preparation of a config for processes that run elsewhere (no Ray needed)."""
 
-from distar.cluster.launch import cpus_needed, local_paths_made_absolute
+import os
+
+from distar.cluster import engines  # noqa: F401  (imported for the check below: it configures nothing)
+from distar.cluster.launch import local_paths_made_absolute
+from distar.cluster.session import cpus_needed, worker_env
 from distar.config import load_config
 
 
@@ -19,3 +23,9 @@ def test_cpus_needed_counts_every_role():
     cfg = load_config(None, ["cluster.trainer_workers=2", "cluster.reward_pool.replicas=3", "cluster.reference_pool.num_cpus=2"])
     assert cpus_needed(cfg) == 2 * 1.0 + 3 * 0.5 + 1 * 2.0
     assert cpus_needed(cfg, trials=3) == 3 * 2 * 1.0 + 3 * 0.5 + 1 * 2.0  # a sweep's concurrent trials each bring their trainers
+
+
+def test_deepspeed_is_told_its_accelerator_by_the_workers_environment_not_at_import():
+    assert "DS_ACCELERATOR" not in os.environ  # importing distar.cluster.engines set nothing
+    assert worker_env(load_config())["DS_ACCELERATOR"] == "cpu"
+    assert worker_env(load_config(None, ["cluster.trainer_gpus=1"]))["DS_ACCELERATOR"] == "cuda"

@@ -1,7 +1,8 @@
-"""Each role built from a RunConfig, the same way in one process and in a Ray actor.
+"""Every piece of a run built from its RunConfig, the same way in one process, in a Ray Train
+worker and in a pool replica.
 
 Sources resolve first (a missing model fails before anything loads); every role loads only what
-it holds: reward workers the VAE and reward models, the reference pool the reference UNet and
+it holds: reward workers the VAE and reward models, reference workers the reference UNet and
 text encoder(s), the trainer the generator, the fake score and the text encoder(s).
 """
 
@@ -13,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from distar.config import RunConfig
+from distar.config import ConfigError, RunConfig
 from distar.data import load_prompts, validation_prompts
+from distar.errors import UserError
 from distar.models import sources
 from distar.models.diffusion import Denoiser, DiffusionParts, OneStepGenerator, decode_latents, load_parts, load_vae
 from distar.rewards import load_reward
-from distar.roles.reference_pool import ReferencePool
+from distar.roles.reference_worker import ReferenceWorker
 from distar.roles.reward_worker import RewardWorker
 from distar.storage import cache_dir
 
@@ -26,14 +28,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Fail on a prompt or model source that cannot work, before anything starts (no model is downloaded;
-    an s3:// model is checked to exist and to be readable)."""
-    validation_prompts(cfg.data.prompts, cfg.data.validation_prompts, cfg.data.validation_size)
-    load_prompts(cfg.data.prompts)
-    m = cfg.model
-    sources.resolve(m.reference, m.family, cache_dir(), "model.reference", fetch=False)
-    if m.generator_init is not None:
-        sources.resolve(m.generator_init, m.family, cache_dir(), "model.generator_init", fetch=False)
+    """Fail with a ConfigError on a prompt or model source of the config that cannot work, before
+    anything starts (no model is downloaded; an s3:// model is checked to exist and to be readable)."""
+    try:
+        validation_prompts(cfg.data.prompts, cfg.data.validation_prompts, cfg.data.validation_size)
+        load_prompts(cfg.data.prompts)
+        m = cfg.model
+        sources.resolve(m.reference, m.family, cache_dir(), "model.reference", fetch=False)
+        if m.generator_init is not None:
+            sources.resolve(m.generator_init, m.family, cache_dir(), "model.generator_init", fetch=False)
+        check_rewards(cfg)
+    except ConfigError:
+        raise
+    except UserError as e:  # a value of the config names what cannot be read
+        raise ConfigError(e.message) from None
+
+
+def check_rewards(cfg: RunConfig) -> None:
+    """Every reward source can be had (as check_inputs checks them; for jobs that only score)."""
     for i, r in enumerate(cfg.rewards):
         sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source", fetch=False)
 
@@ -51,16 +63,19 @@ def reference_parts(cfg: RunConfig, device: torch.device | str = "cpu") -> Diffu
     return load_parts(reference_folder(cfg), m.num_train_timesteps, dtype_of(cfg), m.family, m.resolution).to(device)
 
 
+def reward_models(cfg: RunConfig, device: torch.device | str = "cpu") -> dict:
+    """The config's reward models by name, frozen, on `device`."""
+    return {r.name: load_reward(r.name, sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source")).to(device).eval()
+            for i, r in enumerate(cfg.rewards)}
+
+
 def reward_worker(cfg: RunConfig, device: torch.device | str = "cpu") -> RewardWorker:
-    models = {
-        r.name: load_reward(r.name, sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source")).to(device)
-        for i, r in enumerate(cfg.rewards)
-    }
-    return RewardWorker(functools.partial(decode_latents, load_vae(reference_folder(cfg), dtype_of(cfg)).to(device)), models)
+    vae = load_vae(reference_folder(cfg), dtype_of(cfg)).to(device)
+    return RewardWorker(functools.partial(decode_latents, vae), reward_models(cfg, device))
 
 
-def reference_pool(parts: DiffusionParts) -> ReferencePool:
-    return ReferencePool(Denoiser(parts.unet, parts.schedule), parts.conditioner)
+def reference_worker(parts: DiffusionParts) -> ReferenceWorker:
+    return ReferenceWorker(Denoiser(parts.unet, parts.schedule), parts.conditioner)
 
 
 def trainable_networks(cfg: RunConfig, parts: DiffusionParts) -> tuple[OneStepGenerator, Denoiser]:

@@ -1,5 +1,5 @@
-"""What a run prints and records, the same in one process and on Ray Train: the step line, and
-the grids of fixed prompts and noise and the per-step values it writes to MLflow."""
+"""What a run prints and records, in any runtime: the step line, and the grids of fixed prompts
+and noise and the per-step values it writes to MLflow."""
 
 from __future__ import annotations
 

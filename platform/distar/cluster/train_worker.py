@@ -1,0 +1,86 @@
+"""What every Ray Train worker runs: the run loop (distar.run.loop) in a runtime of DeepSpeed
+engines, the pools called through Serve handles, Ray Train's checkpoints and reports, and the
+run's Ray metrics.
+
+Checkpoints hold both engines (ZeRO shards with their Adam states, one folder per rank that Ray
+merges) and rank 0's progress; a resumed run continues identically. The loop's outcome on rank 0
+is the return value the driver gets from TorchTrainer.fit().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+from torch import nn
+
+from distar.cluster import engines
+from distar.cluster.calls import PoolClients
+from distar.cluster.metrics import TrainerMetrics
+from distar.config import RunConfig
+from distar.roles.trainer import Update
+from distar.run.loop import RunLoop
+from distar.run.runtime import Outcome, Progress
+
+STATE_FILE = "trainer_state.json"
+NETWORKS = ("generator", "fake_score")  # each engine's tag in a checkpoint
+
+
+class RayTrain:
+    """The runtime of one Ray Train worker (distar.run.runtime.Runtime)."""
+
+    all_ranks_agree = staticmethod(engines.all_ranks_agree)
+    gathered = staticmethod(engines.gathered)
+
+    def __init__(self, cfg: RunConfig, reward_handle, reference_handle):
+        context = ray.train.get_context()
+        self.cfg, self.rank, self.world = cfg, context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.metrics = TrainerMetrics(cfg.run.name)
+        self.clients = PoolClients(reward_handle, reference_handle, self.metrics.request_done)
+        self.engines: dict = {}
+
+    def pools(self, cfg: RunConfig, parts):
+        return self.clients.score_rewards, self.clients.query_reference
+
+    def updates(self, generator: nn.Module, fake: nn.Module) -> tuple[Update, Update]:
+        optim = self.cfg.optim
+        self.engines = {"generator": engines.engine_for(generator, self.cfg, optim.generator),
+                        "fake_score": engines.engine_for(fake, self.cfg, optim.fake_score)}
+        return engines.EngineUpdate(self.engines["generator"]), engines.EngineUpdate(self.engines["fake_score"])
+
+    def restore(self) -> Progress | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            for tag in NETWORKS:
+                self.engines[tag].load_checkpoint(d, tag=tag)
+            return Progress(**json.loads((Path(d) / STATE_FILE).read_text()))
+
+    def save(self, progress: Progress, report: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory() as d:  # one per rank; Ray merges them into one checkpoint
+            for tag in NETWORKS:
+                self.engines[tag].save_checkpoint(d, tag=tag)
+            if self.rank == 0:
+                (Path(d) / STATE_FILE).write_text(json.dumps(dataclasses.asdict(progress)))
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def report(self, report: dict[str, float]) -> None:
+        """Only rank 0's report reaches the driver and Tune; every rank reports (a barrier)."""
+        ray.train.report(report)
+
+    def step_done(self, seconds: float, samples: int, values: dict[str, float], parts: dict[str, float], skipped_total: int) -> None:
+        self.metrics.step_done(seconds, samples, values, parts, skipped_total)
+
+
+def train_worker(config: dict) -> Outcome:
+    """TorchTrainer's train_loop_per_worker: config holds the run config, the pools' handles and rank 0's tracking target."""
+    cfg = RunConfig.model_validate(config["run"])
+    runtime = RayTrain(cfg, config["reward"], config["reference"])
+    loop = RunLoop(cfg, runtime, log=lambda line: print(line, flush=True))
+    return loop.run(config["tracking"] if runtime.rank == 0 else None)

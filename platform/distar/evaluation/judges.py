@@ -1,0 +1,72 @@
+"""What scores generated images: reward models by name, and in the shapes world its reader.
+
+The same judges score validation during training, evaluation side by side, the quality
+benchmark and the toy build's check of its reference, so every one of them means the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ACCURACIES = ("size", "color", "shape", "position", "all")
+READER_SIZE = 32  # distar.toy.world.SIZE: the reader reads 32x32 images only
+
+
+def reader_reads(prompts: Sequence[str], resolution: int) -> bool:
+    """Whether the shapes-world reader can judge these images: every prompt is the world's and the
+    images are its size. Decided without loading the reader."""
+    from distar.toy import world
+
+    return bool(prompts) and resolution == READER_SIZE and all(world.is_world_prompt(p) for p in prompts)
+
+
+def reader_metrics() -> list[str]:
+    """What the reader reports: its mean pref and an alignment accuracy per attribute."""
+    return ["pref"] + [f"acc/{k}" for k in ACCURACIES]
+
+
+def load_reader(prompts: Sequence[str]):
+    """The shapes-world reader when every prompt is the shapes world's, else None."""
+    if not reader_reads(prompts, READER_SIZE):
+        return None
+    from distar.toy import assets
+    from distar.toy.reader import Reader
+
+    return Reader.load(assets.path("reader"))
+
+
+@dataclass
+class Judges:
+    """Reward models by name (images in [0, 1] and prompts -> scores), and the reader (or None)."""
+
+    rewards: dict[str, Callable] = field(default_factory=dict)
+    reader: object | None = None
+    device: str = "cpu"
+    batch: int = 64
+
+    def score(self, images, prompts: list[str]) -> dict[str, float]:
+        """`reward/<name>` means; with the reader and images of its size, `pref` and `acc/*`."""
+        import torch
+
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            for name, reward in self.rewards.items():
+                scores = [reward(images[i : i + self.batch].to(self.device), prompts[i : i + self.batch]).float().cpu()
+                          for i in range(0, len(prompts), self.batch)]
+                out[f"reward/{name}"] = float(torch.cat(scores).mean())
+        if self.reader is not None and tuple(images.shape[-2:]) == (READER_SIZE, READER_SIZE):
+            reading = self.reader.read(images.cpu())
+            out["pref"] = float(np.mean(reading.pref))
+            out.update({f"acc/{k}": v for k, v in reading.accuracy(prompts).items()})
+        return out
+
+
+def load_judges(cfg, prompts: Sequence[str], device: str = "cpu") -> Judges:
+    """The run config's reward models (on `device`), and the toy reader when the prompts are the
+    shapes world's."""
+    from distar.run.build import reward_models
+
+    return Judges(reward_models(cfg, device), load_reader(prompts), device)

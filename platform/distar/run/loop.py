@@ -1,0 +1,161 @@
+"""The one run loop: what a training run does, in whatever runtime it runs (distar.run.runtime).
+
+    set up   the reference's parts, the generator and the fake score, the pools, the trainer step
+    start    resume from the latest checkpoint, or grid and validate the untrained generator
+    step     K fake-score updates and one generator update; its record and step line; validation,
+             reports and checkpoints at their cadence; the stop rule
+    end      the before/after grid and the exported generator, or why the run stopped
+
+Rank r of W trains on rows [r*B, (r+1)*B) of a global batch of W*B prompts. All ranks draw the
+global batch's noise from one generator seeded alike, so the update is the same whatever W is.
+Every rank makes the same network calls (ZeRO-3 forwards and backwards are collective); rank 0
+writes the records, the metrics file and the export.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from distar.config import RunConfig, to_yaml
+from distar.data import PromptSampler, load_prompts
+from distar.images import grid, save_png
+from distar.models.diffusion import export_generator
+from distar.roles.trainer import Shard, TrainerStep
+from distar.run import build
+from distar.run.record import RunRecord, StepLine, grid_prompts, sample_images, validation_line
+from distar.run.runtime import Outcome, Progress, Runtime
+from distar.run.timing import StepParts
+from distar.run.validation import Validation
+from distar.tracking.runs import RunTarget
+
+METRICS_FILE = "metrics.jsonl"  # rank 0's values of every step, appended as they come
+
+
+class RunLoop:
+    def __init__(self, cfg: RunConfig, runtime: Runtime, log: Callable[[str], None] = print):
+        self.cfg, self.runtime, self.log = cfg, runtime, log
+        self.parts = build.reference_parts(cfg, runtime.device)
+        generator, fake = build.trainable_networks(cfg, self.parts)
+        self.score_rewards, query_reference = runtime.pools(cfg, self.parts)
+        self.latent_shape = self.parts.latent_shape(cfg.model.resolution)
+        self.parts.unet = None  # the trainer needs the reference UNet only to initialise its networks
+        gen_update, fake_update = runtime.updates(generator, fake)
+        self.timing = timing = StepParts()  # the step's time by part: its calls, timed
+        self.trainer = TrainerStep(
+            generator, fake, self.parts.conditioner, self.latent_shape, cfg.objective, cfg.rewards, cfg.optim,
+            score_rewards=timing.waited("reward", self.score_rewards), query_reference=timing.timed("reference", query_reference),
+            updates=(timing.timed("generator_update", gen_update), timing.timed("fake_score_update", fake_update)),
+            shard=Shard(runtime.rank, runtime.world), all_ranks_agree=runtime.all_ranks_agree,
+        )
+        prompts = load_prompts(cfg.data.prompts)
+        self.sampler = PromptSampler(prompts, cfg.data.batch_size * runtime.world, cfg.run.seed)
+        self.shown = grid_prompts(prompts)
+        self.out = Path(cfg.run.output_dir)
+        self.writer = runtime.rank == 0
+
+    @property
+    def generator(self):
+        return self.trainer.generator
+
+    def sample(self) -> torch.Tensor:
+        """The generator's images of the grid's fixed prompts and noise (every rank takes part)."""
+        return sample_images(self.generator, self.parts, self.latent_shape, self.shown, self.cfg.run.seed)
+
+    def run(self, tracking: RunTarget | None = None) -> Outcome:
+        """Train up to run.steps updates; with a tracking target, rank 0 records into that MLflow run."""
+        cfg = self.cfg
+        rng = torch.Generator().manual_seed(cfg.run.seed)
+        progress = self.runtime.restore()
+        if progress is not None:
+            rng.set_state(torch.tensor(progress.rng, dtype=torch.uint8))
+        if self.writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
+        record = RunRecord(tracking if self.writer else None, self.shown, self.sample, cfg.tracking.grid_every, cfg.run.steps)
+        validation = Validation(cfg, self.parts, self.latent_shape, self.score_rewards if self.writer else None)
+        try:
+            if progress is None:  # the starting point, and val/* in every report Tune sees from now on
+                progress, before = Progress(), record.grid(0)
+                if validation.enabled:
+                    progress.validation = validation(self.generator)
+                    record.validated(0, progress.validation)
+            else:  # the first attempt recorded the start; no before/after grid
+                before = None
+                if self.writer:
+                    self.log(f"resuming from the checkpoint at step {progress.step}")
+            stopped = self.steps(progress, rng, record, validation)
+            after = record.grid(cfg.run.steps) if stopped is None else None
+        finally:
+            record.close()
+        if stopped is not None:
+            return Outcome(progress.step, stopped=stopped)
+        return Outcome(progress.step, generator=self.export(before, after))
+
+    def steps(self, progress: Progress, rng: torch.Generator, record: RunRecord, validation: Validation) -> str | None:
+        """Train until run.steps; returns why the run stopped early, or None."""
+        cfg, runtime, steps = self.cfg, self.runtime, self.cfg.run.steps
+        line, samples = StepLine(progress.step, steps), cfg.data.batch_size * runtime.world
+        while progress.step < steps:
+            start = time.perf_counter()
+            values = self.trainer.step(self.sampler.batch(progress.step), rng)
+            seconds = time.perf_counter() - start
+            parts = self.timing.take(seconds)
+            skipped = bool(values["skipped"])
+            progress.step, progress.applied = progress.step + 1, progress.applied + (not skipped)
+            progress.skipped_in_a_row = progress.skipped_in_a_row + 1 if skipped else 0
+            if self.writer:  # one series per run: the values are the same on every rank, or rank 0's shard
+                runtime.step_done(seconds, samples, values, parts, progress.step - progress.applied)
+                if progress.step % cfg.run.log_every == 0 or progress.step == steps:
+                    self.log(line(progress.step, values))
+            record.step(progress.step, values, seconds, samples)
+            if validation.due(progress.step):
+                progress.validation, progress.validations = validation(self.generator), progress.validations + 1
+                record.validated(progress.step, progress.validation)
+                if self.writer:
+                    self.log(validation_line(progress.step, progress.validation))
+            stopped = self.stop_rule(progress)
+            self.keep(progress, rng, {**values, "step": progress.step, "applied": progress.applied}, validation, force=stopped is not None)
+            if stopped is not None:
+                return stopped
+        return None
+
+    def stop_rule(self, progress: Progress) -> str | None:
+        """Too many updates in a row skipped: the run cannot go on (restarting its workers would
+        only bring back the same non-finite state)."""
+        limit = self.cfg.run.max_consecutive_skips
+        if progress.skipped_in_a_row < limit:
+            return None
+        location = (self.cfg.run.storage_path or self.cfg.run.output_dir).rstrip("/")
+        return (f"{limit} updates in a row had a non-finite loss or reward (run.max_consecutive_skips); the last checkpoint, "
+                f"under {location}/checkpoints, keeps the weights of the last applied update")
+
+    def keep(self, progress: Progress, rng: torch.Generator, values: dict, validation: Validation, force: bool) -> None:
+        """The step's values to the metrics file; a checkpoint at its cadence (and at the end or a
+        stop), else a report where one is due. Every rank reports at the same steps (a barrier)."""
+        run, step = self.cfg.run, progress.step
+        if self.writer:
+            with (self.out / METRICS_FILE).open("a") as f:
+                f.write(json.dumps(values) + "\n")
+        report = {**values, **progress.validation, "validations": progress.validations}
+        if force or step % run.checkpoint_every == 0 or step == run.steps:
+            progress.rng = rng.get_state().tolist()
+            self.runtime.save(progress, report)
+        elif step % run.log_every == 0 or validation.due(step):
+            self.runtime.report(report)
+
+    def export(self, before: torch.Tensor | None, after: torch.Tensor) -> Path:
+        """The before/after grid (top row: untrained, bottom row: trained; same prompts and noise)
+        and the generator as a diffusers folder, gathered on every rank, written by rank 0."""
+        folder = self.out / "generator"
+        with self.runtime.gathered(self.generator):
+            if self.writer:
+                if before is not None:
+                    save_png(grid(torch.cat([before, after]), columns=len(self.shown)), self.out / "before_after.png", scale=4)
+                export_generator(self.generator, self.parts.folder, folder)
+                self.log(f"generator written to {folder} (diffusers folder; sample with timesteps=[{self.cfg.model.t_star}])")
+        return folder
