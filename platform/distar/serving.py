@@ -221,11 +221,10 @@ def _pinned(model: str, where: store.Store) -> str:
     if model.startswith("models:/"):
         from distar.tracking import registry
 
-        if where.uri.startswith(("http://", "https://")):
-            try:
-                store.check_server(where.uri)  # seconds, not MLflow's minutes of retries
-            except UserError as e:
-                raise ServeArgsError(f"tracking_uri: {e.message.split(': ', 1)[-1]}") from None
+        try:
+            store.connect(where)  # a server that does not answer fails in seconds, not MLflow's minutes of retries
+        except UserError as e:
+            raise ServeArgsError(f"tracking_uri: {e.message.split(': ', 1)[-1]}") from None
         try:
             name, version = registry.resolve_version(model, where)
         except UserError as e:

@@ -52,13 +52,14 @@ def run_trial(sampled: dict[str, Any], setup: TrialSetup) -> None:
 
     from distar.cluster import launch
     from distar.cluster.session import RaySession
-    from distar.tracking import registry
+    from distar.tracking import registry, store
     from distar.tracking.runs import TrainingRun
-    from distar.tracking.store import resolve
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(setup.base, sampled, trial_id)
-    earlier = child_run(resolve(cfg.tracking.mlflow_uri).client(), setup.parent_run_id, trial_id)
+    where = store.resolve(cfg.tracking.mlflow_uri)
+    store.connect(where)  # this trial's process talks to the sweep's store
+    earlier = child_run(where.client(), setup.parent_run_id, trial_id)
     tags = {PARENT_TAG: setup.parent_run_id, TRIAL_TAG: trial_id}
     with RaySession(cfg) as session, TrainingRun(cfg, setup.job_id, kind="trial", tags=tags, run_id=earlier) as tracked:
         pools = setup.pools or session.start_pools()
