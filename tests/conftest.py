@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from distar.cluster.session import free_port as _free_port  # noqa: E402
 from distar.models import tiny  # noqa: E402
+from zero3_here import deepspeed_here  # noqa: E402,F401 -- a fixture, shared from its own module
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def _tracking_store(tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('tracking')}/mlflow.db"
 
 
-SLOW_FIXTURES = {"ray_cluster", "new_ray_cluster", "mlflow_server", "new_mlflow_server", "register_toy_generator", "servers"}
+SLOW_FIXTURES = {"ray_cluster", "new_ray_cluster", "mlflow_server", "new_mlflow_server", "register_toy_generator", "servers", "deepspeed_here"}
 
 
 @pytest.fixture(autouse=True)
@@ -296,3 +297,4 @@ def pyproject():
         bounds[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(3)
     return SimpleNamespace(version=project["version"], image=f"ghcr.io/distar-ai/distar:{project['version']}", lower_bounds=bounds,
                            requires_python=project["requires-python"])
+

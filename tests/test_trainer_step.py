@@ -107,48 +107,16 @@ def test_the_generator_update_leaves_the_fake_score_alone(run):
     assert two_steps(run) == []
 
 
-@pytest.fixture(scope="module")
-def gloo():
-    """torch.distributed with one gloo rank in this process, as DeepSpeed needs it."""
-    import deepspeed
-    import torch.distributed as dist
-
-    from distar.cluster.session import free_port
-
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
-                            "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
-            env.setenv(name, value)
-        deepspeed.init_distributed(dist_backend="gloo")
-        yield
-        dist.destroy_process_group()
-
-
-class DeepSpeedHere(in_process.InProcess):
-    """The in-process runtime with the Ray runtime's engines in place of AdamW."""
-
-    def updates(self, generator, fake):
-        from distar.cluster import engines
-
-        self.engines = [engines.engine_for(generator, self.cfg, self.cfg.optim.generator), engines.engine_for(fake, self.cfg, self.cfg.optim.fake_score)]
-        return tuple(engines.EngineUpdate(e) for e in self.engines)
-
-    def all_ranks_agree(self, ok: bool) -> bool:
-        from distar.cluster import engines
-
-        return engines.all_ranks_agree(ok)
-
-
 @pytest.mark.slow
-def test_under_deepspeed_zero3_the_generator_update_leaves_the_fake_score_alone(gloo, tmp_path):
+def test_under_deepspeed_zero3_the_generator_update_leaves_the_fake_score_alone(deepspeed_here, tmp_path):
     cfg = load_config(SMOKE, ["data.batch_size=4", f"run.output_dir={tmp_path}"])
-    run = RunLoop(cfg, DeepSpeedHere(cfg), log=lambda line: None)
+    run = RunLoop(cfg, deepspeed_here(cfg), log=lambda line: None)
     assert two_steps(run) == []
     assert all(torch.isfinite(p.ds_tensor).all() for p in run.generator.parameters())  # gloo gathers have raced into NaNs upstream
 
 
 @pytest.mark.slow
-def test_a_deepspeed_step_equals_the_adamw_step(gloo, tmp_path):
+def test_a_deepspeed_step_equals_the_adamw_step(deepspeed_here, tmp_path):
     """One update through ZeRO-3 engines moves the generator as torch's AdamW does (what the Ray
     tests check across processes, here without Ray)."""
     from distar.cluster.engines import gathered
@@ -156,7 +124,7 @@ def test_a_deepspeed_step_equals_the_adamw_step(gloo, tmp_path):
     cfg = load_config(SMOKE, ["data.batch_size=4", "optim.generator.eps=1e-5", f"run.output_dir={tmp_path}"])
     expected = in_process.run_loop(cfg, log=lambda line: None)
     expected.trainer.step(expected.sampler.batch(0), torch.Generator().manual_seed(0))
-    run = RunLoop(cfg, DeepSpeedHere(cfg), log=lambda line: None)
+    run = RunLoop(cfg, deepspeed_here(cfg), log=lambda line: None)
     run.trainer.step(run.sampler.batch(0), torch.Generator().manual_seed(0))
     with gathered(run.generator):
         got = params(run.generator)

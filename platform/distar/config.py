@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distar.errors import UserError
 from distar.rewards import REWARD_NAMES
@@ -49,11 +49,25 @@ class ModelSection(Section):
     reference: Source = Field(
         "toy", description="Reference diffusion model: a diffusers folder, hub id, `toy` (the shapes world's) or `tiny-random` (untrained smoke-test models)."
     )
-    generator_init: str | None = Field(None, description="Initial generator weights (diffusers UNet folder); default: the reference UNet.")
+    generator_init: str | None = Field(None, description="Initial generator weights in the reference UNet's architecture: a diffusers pipeline or UNet folder, "
+                                       "or a state-dict file (.safetensors, .bin, .pt; DMD2's one-step UNets); default: the reference UNet.")
     t_star: int = Field(399, ge=1, description="Timestep at which the one-step generator reads its noise input z as x_t*.")
     num_train_timesteps: int = Field(1000, ge=2, description="Length of the reference's discrete schedule; checked against its scheduler config at load.")
     resolution: int = Field(32, ge=8, description="Generated image side in pixels.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training and transfer dtype.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Compute dtype of every forward; trainable weights and optimiser states stay float32 (distar.models.precision)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward passes (generator, fake score, the reference's backward to x_t, "
+        "the reward VAE decode): about a third more compute for a fraction of the activation memory."
+    )
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _no_float16(cls, value: Any) -> Any:
+        if value == "float16":
+            raise ValueError("float16 needs loss scaling, which distar does not do; use bfloat16 (float32 masters, bf16 forwards) or float32")
+        return value
 
 
 class ObjectiveSection(Section):
@@ -73,6 +87,8 @@ class ObjectiveSection(Section):
 class RewardSpec(Section):
     name: Literal[REWARD_NAMES] = Field(description="Reward model kind.")
     source: Source = Field(description="Reward model weights: folder, s3:// URI, hub id, or `tiny-random`.")
+    processor: Source | None = Field(None, description="Tokenizer and image-preprocessing source when the weights' folder has none (PickScore_v1 "
+                                     "publishes them in laion/CLIP-ViT-H-14-laion2B-s32B-b79K); same forms as source; default: source.")
     weight: NonNegative = Field(1.0, description="lambda_k; 0 scores and logs the reward without optimising it.")
 
 

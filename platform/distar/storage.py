@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -24,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from distar.errors import UserError
 
 SCHEME = "s3://"
+Keep = Callable[[list[str]], Iterable[str]]  # a folder's file names -> those to download
 
 
 class StorageError(UserError):
@@ -64,8 +66,9 @@ def client():
     return boto3.session.Session().client("s3", config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120))
 
 
-def objects(uri: str, field: str) -> list[StoredObject]:
-    """What `uri` names: the one object at that key, else every object under it as a folder."""
+def objects(uri: str, field: str, keep: Keep | None = None) -> list[StoredObject]:
+    """What `uri` names: the one object at that key, else every object under it as a folder (with
+    `keep`, only those of its names, relative to the folder, that `keep` returns)."""
     from botocore.exceptions import ClientError
 
     bucket, key = split(uri, field)
@@ -86,12 +89,18 @@ def objects(uri: str, field: str) -> list[StoredObject]:
                  for o in page.get("Contents", []) if not o["Key"].endswith("/")]
     if not found:
         raise StorageError(f"{field}: {uri}: no such object, and no objects under it as a folder, in bucket {bucket!r}")
+    if keep is not None:
+        kept = set(keep([o.name for o in found]))
+        if not kept:
+            raise StorageError(f"{field}: {uri}: none of the {len(found)} objects under it is a file this model loads (e.g. {found[0].name})")
+        found = [o for o in found if o.name in kept]
     return found
 
 
-def fetch(uri: str, field: str, cache: Path | None = None) -> Path:
-    """The local copy of `uri`: a file for an object, a folder for a prefix."""
-    listed = objects(uri, field)
+def fetch(uri: str, field: str, cache: Path | None = None, keep: Keep | None = None) -> Path:
+    """The local copy of `uri`: a file for an object, a folder for a prefix (of the objects `keep`
+    selects, if given: a model folder's loader reads a few of the files published beside it)."""
+    listed = objects(uri, field, keep)
     bucket, key = split(uri, field)
     digest = hashlib.sha256("\n".join(f"{o.key} {o.etag} {o.size}" for o in listed).encode()).hexdigest()[:16]
     folder = (cache or cache_dir()) / "s3" / bucket / f"{PurePosixPath(key.rstrip('/')).name or bucket}-{digest}"

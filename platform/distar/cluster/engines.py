@@ -19,8 +19,9 @@ def ds_config(cfg: RunConfig, spec: OptimizerSpec) -> dict:
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.optim.grad_clip or 0.0,  # DeepSpeed clips at 1.0 unless told
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        # float32 masters, gradients and Adam states, as in one process: the networks' forwards run
+        # under autocast in model.dtype (distar.models.precision), so DeepSpeed's bf16 mode stays off.
+        "bf16": {"enabled": False},
         "zero_optimization": {
             "stage": cfg.cluster.zero_stage,
             "overlap_comm": torch.cuda.is_available(),  # no streams to overlap on CPU
@@ -60,8 +61,10 @@ class EngineUpdate:
 def all_ranks_agree(ok: bool) -> bool:
     """True on every rank if `ok` is True on every rank."""
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
-    flag = torch.tensor([int(ok)], dtype=torch.int32)
+    # On the backend's device: NCCL reduces only CUDA tensors.
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=get_accelerator().current_device_name())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 

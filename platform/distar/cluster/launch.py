@@ -29,8 +29,9 @@ def local_paths_made_absolute(cfg: RunConfig) -> RunConfig:
         if local(tree[section][key]):
             tree[section][key] = str(Path(tree[section][key]).expanduser().resolve())
     for reward in tree["rewards"]:
-        if local(reward["source"]):
-            reward["source"] = str(Path(reward["source"]).expanduser().resolve())
+        for key in ("source", "processor"):
+            if local(reward[key]):
+                reward[key] = str(Path(reward[key]).expanduser().resolve())
     return RunConfig.model_validate(tree)
 
 

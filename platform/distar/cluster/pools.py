@@ -58,7 +58,7 @@ class RewardPool(_Pool):
 class ReferencePool(_Pool):
     def __init__(self, cfg: dict):
         run, self.device = RunConfig.model_validate(cfg), local_device()
-        self.worker = build.reference_worker(build.reference_parts(run, self.device))
+        self.worker = build.reference_worker(run, build.reference_parts(run, self.device))
         self.query.set_max_batch_size(run.cluster.reference_pool.max_batch_size)
         self.metrics = RoleMetrics("reference")
 

@@ -1,5 +1,5 @@
-"""Requests and results cross processes through the object store on the CPU, in the training
-dtype; each side moves them to its own device."""
+"""Requests and results cross processes through the object store as CPU tensors in float32 (the
+networks' outputs, cast up for the math: distar.models.precision); each side moves them to its own device."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ T = TypeVar("T")
 
 
 def moved(value: T, device: torch.device | str) -> T:
-    """A copy of a role's request or result (dataclass, dict, tuple, list or tensor) with every tensor on device."""
+    """A copy of a role's request or result (dataclass, dict, tuple, list or tensor) with every
+    tensor on device, detached: no autograd graph crosses a process."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return value.detach().to(device)
     if isinstance(value, dict):
         return {k: moved(v, device) for k, v in value.items()}
     if isinstance(value, (tuple, list)):

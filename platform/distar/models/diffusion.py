@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from distar.errors import UserError
+from distar.models.precision import autocast
 from distar.objectives import Schedule, one_step_x0
 
 Family = Literal["toy", "sd15", "sdxl"]
@@ -93,15 +94,21 @@ class SDXLConditioner(TextConditioner):
         return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
-class Denoiser(nn.Module):
-    """A UNet read through its schedule as the x0-prediction D(x_t, t, c)."""
+def unet_output(unet: nn.Module, x_t: Tensor, t: Tensor, cond: Cond, dtype: torch.dtype) -> Tensor:
+    """The UNet's raw output, computed in `dtype` (distar.models.precision), returned in float32."""
+    with autocast(dtype, x_t.device):
+        return unet(x_t, t, **cond).sample.float()
 
-    def __init__(self, unet: nn.Module, schedule: Schedule):
+
+class Denoiser(nn.Module):
+    """A UNet read through its schedule as the x0-prediction D(x_t, t, c); `dtype` is the compute dtype."""
+
+    def __init__(self, unet: nn.Module, schedule: Schedule, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.unet, self.schedule = unet, schedule
+        self.unet, self.schedule, self.dtype = unet, schedule, dtype
 
     def output(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        return self.unet(x_t, t, **cond).sample
+        return unet_output(self.unet, x_t, t, cond, self.dtype)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self.schedule.to_x0(self.output(x_t, t, cond), x_t, t)
@@ -113,13 +120,13 @@ class Denoiser(nn.Module):
 class OneStepGenerator(nn.Module):
     """g_theta(z, c): z ~ N(0, I) read as x_{t*}, one UNet call to x0."""
 
-    def __init__(self, unet: nn.Module, schedule: Schedule, t_star: int):
+    def __init__(self, unet: nn.Module, schedule: Schedule, t_star: int, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.unet, self.schedule, self.t_star = unet, schedule, t_star
+        self.unet, self.schedule, self.t_star, self.dtype = unet, schedule, t_star, dtype
 
     def forward(self, z: Tensor, cond: Cond) -> Tensor:
         t = torch.full((z.shape[0],), self.t_star, device=z.device, dtype=torch.long)
-        return one_step_x0(self.unet(z, t, **cond).sample, z, t, self.schedule)
+        return one_step_x0(unet_output(self.unet, z, t, cond, self.dtype), z, t, self.schedule)
 
 
 @dataclass
@@ -146,8 +153,9 @@ class DiffusionParts:
 
 
 def decode_latents(vae: nn.Module, latents: Tensor) -> Tensor:
-    """Latents -> images in [0, 1], differentiable."""
-    return ((vae.decode(latents / vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
+    """Latents -> float32 images in [0, 1], differentiable; decoded in the VAE's own dtype."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+    return ((images + 1) / 2).clamp(0, 1)
 
 
 def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -167,8 +175,10 @@ def load_parts(
     dtype: torch.dtype = torch.float32,
     family: Family = "sd15",
     resolution: int | None = None,
+    unet_dtype: torch.dtype | None = None,
 ) -> DiffusionParts:
-    """Load a diffusers SD-family folder component by component (only what DI* uses).
+    """Load a diffusers SD-family folder component by component (only what DI* uses), in `dtype`
+    (the UNet in `unet_dtype` if given: a trainer initialises float32 masters from it).
 
     `resolution` (pixels) is what SDXL's time ids announce; by default the UNet's native size,
     as the stock pipeline assumes. `family` picks the conditioner and must fit the folder."""
@@ -184,7 +194,7 @@ def load_parts(
     schedule = Schedule.from_scheduler_config(scheduler_config)
     if schedule.num_train_timesteps != num_train_timesteps:
         raise UserError(f"model.num_train_timesteps: config says {num_train_timesteps}, the reference's scheduler has {schedule.num_train_timesteps}")
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=unet_dtype or dtype)
     vae = load_vae(folder, dtype)
     if resolution is None:
         resolution = unet.config.sample_size * _vae_factor(vae)
@@ -206,13 +216,21 @@ def _load_conditioner(folder: Path, index: dict, family: Family, dtype: torch.dt
 def export_generator(generator: OneStepGenerator, reference_folder: Path, out: str | Path) -> Path:
     """Write the generator as a full pipeline folder: the reference's VAE and text encoders, the
     generator's UNet, and an LCM scheduler (as DMD2 ships) that with `timesteps=[t*]` takes one
-    step from t* to x0. `distar.json` records t* for tools that sample it."""
+    step from t* to x0. `distar.json` records t* for tools that sample it. Only what that pipeline
+    loads is copied (sources.needed): a reference's root checkpoints, variants, safety checker and
+    README would otherwise ride along into every registered version."""
     from diffusers import LCMScheduler
+
+    from distar.models.sources import PIPELINE_COMPONENTS, select
 
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")  # never leave a half-written folder under the final name
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(reference_folder, tmp, ignore=shutil.ignore_patterns("unet", "scheduler"))
+    names = [p.relative_to(reference_folder).as_posix() for p in sorted(reference_folder.rglob("*")) if p.is_file()]
+    for name in select(names, "pipeline"):
+        if name.split("/")[0] not in ("unet", "scheduler"):
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(reference_folder / name, tmp / name)  # the content, not a hub cache's symlink
     generator.unet.save_pretrained(tmp / "unet")
     scheduler_config = json.loads((reference_folder / "scheduler" / "scheduler_config.json").read_text())
     keep = {k: scheduler_config[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type") if k in scheduler_config}
@@ -220,6 +238,8 @@ def export_generator(generator: OneStepGenerator, reference_folder: Path, out: s
     LCMScheduler(**keep, timestep_scaling=1e5, clip_sample=False, steps_offset=1).save_pretrained(tmp / "scheduler")
     index = json.loads((tmp / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", "LCMScheduler"]
+    # Components not exported are declared absent, as the pipelines' own save_pretrained does.
+    index.update({k: [None, None] for k, v in index.items() if isinstance(v, list) and len(v) == 2 and k not in PIPELINE_COMPONENTS})
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     (tmp / "distar.json").write_text(json.dumps({"one_step_timestep": generator.t_star}, indent=2))
     shutil.rmtree(out, ignore_errors=True)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from distar.errors import UserError
+from distar.models.sources import PIPELINE_COMPONENTS
 
 
 class _StartsAtTStar(logging.Filter):
@@ -40,7 +41,10 @@ def load_pipeline(folder: str | Path, dtype: torch.dtype = torch.float32):
 
     if not (Path(folder) / "model_index.json").is_file():
         raise UserError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+    # Components a fetch leaves out (a reference's safety checker, feature extractor) load as None.
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    absent = {name: None for name in index if not name.startswith("_") and name not in PIPELINE_COMPONENTS}
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, **absent)
     if one_step_timestep(folder) is None:  # a diffusion model: sample with DDIM
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=True)
     else:

@@ -32,22 +32,40 @@ class MissingPackageError(UserError):
     """A reward model whose package is not installed (or does not import)."""
 
 
+class MissingProcessorError(UserError):
+    """A reward folder without the tokenizer and preprocessing config its wrapper reads, and no
+    processor source named; `field` is where to name one."""
+
+    def __init__(self, folder: Path, field: str = "rewards.N.processor"):
+        self.folder = folder
+        super().__init__(f"{folder} has no tokenizer (tokenizer.json, tokenizer_config.json or vocab.json); set {field} to a folder "
+                         "or hub id with the tokenizer and preprocessing config (PickScore_v1's: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
+
+
 @dataclass(frozen=True)
 class Entry:
     wrapper: str  # "module:Class" with a from_pretrained(folder, **options)
     options: dict = field(default_factory=dict)
     needs: tuple[str, str, str] | None = None  # (module, pip name, why) of a package the project does not install
+    processor: bool = False  # its tokenizer and preprocessing config may come from a folder of their own
 
-    def load(self, folder: Path) -> RewardModel:
+    def load(self, folder: Path, processor: Path | None = None) -> RewardModel:
+        """The wrapper's model from `folder`; `processor`, a folder with the tokenizer and
+        preprocessing config, where `folder` has none (default: folder)."""
         if self.needs is not None:
             _check_package(*self.needs)
+        options = dict(self.options)
+        if processor is not None:
+            if not self.processor:
+                raise UserError(f"{self.wrapper} reads no tokenizer or preprocessing config: it takes no processor source")
+            options["processor"] = Path(processor)
         module, name = self.wrapper.split(":")
-        return getattr(importlib.import_module(module), name).from_pretrained(folder, **self.options)
+        return getattr(importlib.import_module(module), name).from_pretrained(folder, **options)
 
 
 REWARDS: dict[str, Entry] = {
-    "pickscore": Entry("distar.rewards.clip:ClipReward", {"kind": "pickscore"}),
-    "clip_score": Entry("distar.rewards.clip:ClipReward", {"kind": "clip_score"}),
+    "pickscore": Entry("distar.rewards.clip:ClipReward", {"kind": "pickscore"}, processor=True),
+    "clip_score": Entry("distar.rewards.clip:ClipReward", {"kind": "clip_score"}, processor=True),
     "hpsv2": Entry("distar.rewards.hpsv2:HpsReward",
                    needs=("open_clip", "open-clip-torch", "HPSv2.1 is an open_clip ViT-H-14, which transformers cannot build")),
     "image_reward": Entry("distar.rewards.image_reward:BlipReward",
@@ -68,7 +86,7 @@ def _check_package(module: str, pip_name: str, why: str) -> None:
         raise MissingPackageError(f"{pip_name} is installed but does not import ({e}); {why}") from e
 
 
-def load_reward(name: str, folder: str | Path) -> RewardModel:
+def load_reward(name: str, folder: str | Path, processor: str | Path | None = None) -> RewardModel:
     if name not in REWARDS:
         raise UserError(f"unknown reward {name!r}; known: {sorted(REWARDS)}")
-    return REWARDS[name].load(Path(folder))
+    return REWARDS[name].load(Path(folder), None if processor is None else Path(processor))

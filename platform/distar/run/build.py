@@ -17,14 +17,12 @@ import torch
 from distar.config import ConfigError, RunConfig
 from distar.data import load_prompts, validation_prompts
 from distar.errors import UserError
-from distar.models import sources
+from distar.models import precision, sources
 from distar.models.diffusion import Denoiser, DiffusionParts, OneStepGenerator, decode_latents, load_parts, load_vae
-from distar.rewards import load_reward
+from distar.rewards import REWARDS, MissingProcessorError, load_reward
 from distar.roles.reference_worker import ReferenceWorker
 from distar.roles.reward_worker import RewardWorker
 from distar.storage import cache_dir
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_inputs(cfg: RunConfig) -> None:
@@ -36,7 +34,7 @@ def check_inputs(cfg: RunConfig) -> None:
         m = cfg.model
         sources.resolve(m.reference, m.family, cache_dir(), "model.reference", fetch=False)
         if m.generator_init is not None:
-            sources.resolve(m.generator_init, m.family, cache_dir(), "model.generator_init", fetch=False)
+            sources.resolve(m.generator_init, m.family, cache_dir(), "model.generator_init", fetch=False, files="unet")
         check_rewards(cfg)
     except ConfigError:
         raise
@@ -48,46 +46,72 @@ def check_rewards(cfg: RunConfig) -> None:
     """Every reward source can be had (as check_inputs checks them; for jobs that only score)."""
     for i, r in enumerate(cfg.rewards):
         sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source", fetch=False)
+        if r.processor is not None:
+            if not REWARDS[r.name].processor:
+                raise UserError(f"rewards.{i}.processor: {r.name} reads no tokenizer or preprocessing config; "
+                                f"only {', '.join(n for n, e in REWARDS.items() if e.processor)} take a processor source")
+            sources.resolve(r.processor, r.name, cache_dir(), f"rewards.{i}.processor", fetch=False, files="processor")
 
 
 def dtype_of(cfg: RunConfig) -> torch.dtype:
-    return DTYPES[cfg.model.dtype]
+    return precision.DTYPES[cfg.model.dtype]
+
+
+def checkpointed(cfg: RunConfig, module: torch.nn.Module) -> torch.nn.Module:
+    """The module, recomputing its activations in backward passes if the config asks (diffusers' own switch)."""
+    if cfg.model.gradient_checkpointing:
+        module.enable_gradient_checkpointing()
+    return module
 
 
 def reference_folder(cfg: RunConfig) -> Path:
     return sources.resolve(cfg.model.reference, cfg.model.family, cache_dir(), "model.reference")
 
 
-def reference_parts(cfg: RunConfig, device: torch.device | str = "cpu") -> DiffusionParts:
-    m = cfg.model
-    return load_parts(reference_folder(cfg), m.num_train_timesteps, dtype_of(cfg), m.family, m.resolution).to(device)
+def reference_parts(cfg: RunConfig, device: torch.device | str = "cpu", trainer: bool = False) -> DiffusionParts:
+    """The reference's parts in model.dtype; a trainer's UNet in float32, the masters it initialises."""
+    m, dtype = cfg.model, dtype_of(cfg)
+    precision.check_device(dtype, device)
+    unet_dtype = torch.float32 if trainer else dtype
+    return load_parts(reference_folder(cfg), m.num_train_timesteps, dtype, m.family, m.resolution, unet_dtype).to(device)
 
 
 def reward_models(cfg: RunConfig, device: torch.device | str = "cpu") -> dict:
     """The config's reward models by name, frozen, on `device`."""
-    return {r.name: load_reward(r.name, sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source")).to(device).eval()
-            for i, r in enumerate(cfg.rewards)}
+    models = {}
+    for i, r in enumerate(cfg.rewards):
+        folder = sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source")
+        processor = None if r.processor is None else sources.resolve(r.processor, r.name, cache_dir(), f"rewards.{i}.processor", files="processor")
+        try:
+            models[r.name] = load_reward(r.name, folder, processor).to(device).eval()
+        except MissingProcessorError as e:
+            raise MissingProcessorError(e.folder, f"rewards.{i}.processor") from None
+    return models
 
 
 def reward_worker(cfg: RunConfig, device: torch.device | str = "cpu") -> RewardWorker:
-    vae = load_vae(reference_folder(cfg), dtype_of(cfg)).to(device)
+    vae = checkpointed(cfg, load_vae(reference_folder(cfg), dtype_of(cfg))).to(device)
     return RewardWorker(functools.partial(decode_latents, vae), reward_models(cfg, device))
 
 
-def reference_worker(parts: DiffusionParts) -> ReferenceWorker:
-    return ReferenceWorker(Denoiser(parts.unet, parts.schedule), parts.conditioner)
+def reference_worker(cfg: RunConfig, parts: DiffusionParts) -> ReferenceWorker:
+    """The reference worker over `parts`, computing in model.dtype (in one process it shares the
+    trainer's float32 UNet; a pool replica loads it in model.dtype)."""
+    return ReferenceWorker(Denoiser(checkpointed(cfg, parts.unet), parts.schedule, dtype_of(cfg)), parts.conditioner)
 
 
 def trainable_networks(cfg: RunConfig, parts: DiffusionParts) -> tuple[OneStepGenerator, Denoiser]:
     """The generator (from generator_init, else a copy of the reference UNet) and the fake score
     (a copy of the reference UNet). Seeded: every trainer rank builds the same networks."""
     torch.manual_seed(cfg.run.seed)
-    gen_unet = copy.deepcopy(parts.unet)
-    if cfg.model.generator_init is not None:
-        from diffusers import UNet2DConditionModel
+    if cfg.model.generator_init is None:
+        gen_unet = copy.deepcopy(parts.unet)
+    else:  # a pipeline or UNet folder, or a bare state dict (DMD2's), always in the reference's architecture
+        from distar.models.checkpoints import initial_unet
 
-        init = sources.resolve(cfg.model.generator_init, cfg.model.family, cache_dir(), "model.generator_init")
-        gen_unet = UNet2DConditionModel.from_pretrained(init, subfolder="unet" if (init / "unet").is_dir() else None, torch_dtype=dtype_of(cfg))
-    generator = OneStepGenerator(gen_unet.requires_grad_(True), parts.schedule, cfg.model.t_star)
-    fake = Denoiser(copy.deepcopy(parts.unet).requires_grad_(True), parts.schedule)
+        init = sources.resolve(cfg.model.generator_init, cfg.model.family, cache_dir(), "model.generator_init", files="unet")
+        gen_unet = initial_unet(init, parts.unet, "model.generator_init")
+    trainable = lambda unet: checkpointed(cfg, unet.float().requires_grad_(True))  # noqa: E731 -- float32 masters
+    generator = OneStepGenerator(trainable(gen_unet), parts.schedule, cfg.model.t_star, dtype_of(cfg))
+    fake = Denoiser(trainable(copy.deepcopy(parts.unet)), parts.schedule, dtype_of(cfg))
     return generator, fake

@@ -100,7 +100,7 @@ class InProcess:
         self.networks: dict[str, TorchUpdate] = {}
 
     def pools(self, cfg: RunConfig, parts):
-        rewards, reference = build.reward_worker(cfg), build.reference_worker(parts)
+        rewards, reference = build.reward_worker(cfg), build.reference_worker(cfg, parts)
         return (lambda request: Ready(rewards(request))), reference
 
     def updates(self, generator: nn.Module, fake: nn.Module) -> tuple[Update, Update]:

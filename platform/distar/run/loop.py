@@ -37,9 +37,12 @@ METRICS_FILE = "metrics.jsonl"  # rank 0's values of every step, appended as the
 
 
 class RunLoop:
+    """`RunLoop(cfg, runtime).run(tracking)`: set up on construction (every source loaded, the
+    trainer step wired to the runtime's pools and updates), trained by run()."""
+
     def __init__(self, cfg: RunConfig, runtime: Runtime, log: Callable[[str], None] = print):
         self.cfg, self.runtime, self.log = cfg, runtime, log
-        self.parts = build.reference_parts(cfg, runtime.device)
+        self.parts = build.reference_parts(cfg, runtime.device, trainer=True)
         generator, fake = build.trainable_networks(cfg, self.parts)
         self.score_rewards, query_reference = runtime.pools(cfg, self.parts)
         self.latent_shape = self.parts.latent_shape(cfg.model.resolution)

@@ -33,7 +33,7 @@ def one_step_latents(generator: OneStepGenerator, conditioner, latent_shape: tup
 def sample_images(generator: OneStepGenerator, parts: DiffusionParts, latent_shape: tuple[int, int, int], prompts: list[str], seed: int) -> torch.Tensor:
     """The generator's images for fixed prompts and noise, decoded to [0, 1]."""
     x0 = one_step_latents(generator, parts.conditioner, latent_shape, prompts, seed, len(prompts))
-    return parts.decode(x0.to(parts.vae.dtype)).cpu()
+    return parts.decode(x0).cpu()
 
 
 def _eta(seconds: float) -> str:

@@ -58,6 +58,6 @@ class Validation:
         results = [p.result().rewards for p in pending]
         values = {f"{PREFIX}reward/{name}": float(torch.cat([r[name] for r in results]).float().mean()) for name in results[0]}
         with torch.no_grad():
-            images = self.parts.decode(x0.to(self.parts.vae.dtype)).float().cpu()
+            images = self.parts.decode(x0).cpu()
         values.update({f"{PREFIX}{k}": v for k, v in self.reader.score(images, self.prompts).items()})
         return values

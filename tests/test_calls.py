@@ -1,0 +1,42 @@
+"""What the trainer sends a pool (distar.cluster.calls): CPU float32 tensors, on the first send
+and on the re-send after a replica died, and never the caller's own objects."""
+
+import torch
+from ray.exceptions import RayActorError
+
+from distar.cluster.calls import RetryingCall
+from distar.roles.reward_worker import RewardRequest
+
+
+class Response:
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    def result(self, timeout_s):
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+class Replicas:
+    """Stands in for a deployment handle's method: records every request it is sent; the first
+    replica dies while working on it, the next one answers."""
+
+    def __init__(self):
+        self.sent = []
+
+    def remote(self, request):
+        self.sent.append(request)
+        return Response(RayActorError() if len(self.sent) == 1 else {"x0": request.x0 * 2})
+
+
+def test_first_send_and_re_send_carry_cpu_float32_copies():
+    x0 = torch.randn(2, 4, 8, 8, requires_grad=True)[:, :2]  # a live, strided view of a trainer tensor
+    request = RewardRequest(x0, ["a", "b"])
+    replicas = Replicas()
+    call = RetryingCall(replicas, (request,), "reward", attempts=2, timeout_s=1, on_done=lambda role, s: None, device=torch.device("cpu"))
+    result = call.result()
+    assert len(replicas.sent) == 2 and replicas.sent[0] is replicas.sent[1] is not request
+    sent = replicas.sent[0].x0
+    assert (sent.device.type, sent.dtype, sent.requires_grad) == ("cpu", torch.float32, False)
+    assert torch.equal(sent, x0.detach()) and torch.equal(result["x0"], 2 * x0.detach())
