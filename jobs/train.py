@@ -8,8 +8,9 @@ RAY_ADDRESS (set for you under `ray job submit`), else a local instance this job
 tracked as one MLflow run (tracking.mlflow_uri, else MLFLOW_TRACKING_URI, else ./mlflow.db with
 artifacts in ./mlartifacts); the finished generator is registered with alias `candidate`.
 --in-process runs every role in this process instead (no Ray, no DeepSpeed): the single-process
-baseline. Starting the same run again resumes it from its last checkpoint. Bad input exits with
-status 2 and one line, before any model loads.
+baseline. Starting the same run again resumes it from its last checkpoint; a run that trains
+differently is refused (another run.output_dir, or --restart to start over), and so is a second run
+on a folder in use. Bad input exits with status 2 and one line, before any model loads.
 """
 
 from __future__ import annotations
@@ -27,18 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_config()
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--in-process", action="store_true", help="all roles in this process, without Ray: the single-process baseline")
+    p.add_argument("--restart", action="store_true", help="delete the output folder's checkpoints and metrics and start over")
     args = p.parse_args(argv)
     return cli.run(lambda: train(args), interrupted="pools shut down; the run resumes from its last checkpoint when started again")
 
 
 def train(args) -> None:
-    from distar.config import load_config, to_yaml
+    from distar.config import absolute_paths, load_config, to_yaml
     from distar.run.build import check_inputs
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return
+    cfg = absolute_paths(cfg)  # as every process of the run and its checkpoints name them
     check_inputs(cfg)  # an unreadable prompt source or model fails here, before anything starts
     if cfg.model.reference == "tiny-random":  # say so: these numbers mean nothing
         print("note: model.reference is `tiny-random`: untrained tiny models; the numbers show the machinery works, not image quality.")
@@ -47,9 +50,12 @@ def train(args) -> None:
     else:
         from distar.cluster.launch import train
     from distar.cluster.session import job_id
+    from distar.run.resume import claimed
     from distar.tracking.runs import TrainingRun
 
-    with TrainingRun(cfg, job_id()) as tracked:  # a failure ends the MLflow run FAILED, registering nothing
+    # The folder is this run's alone, and resumes only a run that trains the same; a failure ends
+    # the MLflow run FAILED, registering nothing.
+    with claimed(cfg, restart=args.restart), TrainingRun(cfg, job_id()) as tracked:
         print(f"MLflow: {tracked.link()}", flush=True)
         version = tracked.register(train(cfg, tracked.target).exported())
     print(f"registered {version.name} version {version.version} (alias candidate): models:/{version.name}@candidate")

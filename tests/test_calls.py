@@ -10,7 +10,10 @@ from distar.roles.reward_worker import RewardRequest
 
 class Response:
     def __init__(self, outcome):
-        self.outcome = outcome
+        self.outcome, self.cancelled = outcome, False
+
+    def cancel(self):
+        self.cancelled = True
 
     def result(self, timeout_s):
         if isinstance(self.outcome, Exception):
@@ -22,12 +25,13 @@ class Replicas:
     """Stands in for a deployment handle's method: records every request it is sent; the first
     replica dies while working on it, the next one answers."""
 
-    def __init__(self):
-        self.sent = []
+    def __init__(self, first_failure: Exception | None = None):
+        self.sent, self.responses, self.first_failure = [], [], first_failure or RayActorError()
 
     def remote(self, request):
         self.sent.append(request)
-        return Response(RayActorError() if len(self.sent) == 1 else {"x0": request.x0 * 2})
+        self.responses.append(Response(self.first_failure if len(self.sent) == 1 else {"x0": request.x0 * 2}))
+        return self.responses[-1]
 
 
 def test_first_send_and_re_send_carry_cpu_float32_copies():
@@ -40,3 +44,11 @@ def test_first_send_and_re_send_carry_cpu_float32_copies():
     sent = replicas.sent[0].x0
     assert (sent.device.type, sent.dtype, sent.requires_grad) == ("cpu", torch.float32, False)
     assert torch.equal(sent, x0.detach()) and torch.equal(result["x0"], 2 * x0.detach())
+
+
+def test_a_request_that_timed_out_is_cancelled_before_it_is_sent_again():
+    replicas = Replicas(first_failure=TimeoutError("no answer in 1 s"))
+    call = RetryingCall(replicas, (RewardRequest(torch.zeros(1, 4, 8, 8), ["a"]),), "reward", attempts=2, timeout_s=1,
+                        on_done=lambda role, s: None, device=torch.device("cpu"))
+    call.result()
+    assert [r.cancelled for r in replicas.responses] == [True, False]

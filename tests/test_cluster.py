@@ -199,11 +199,11 @@ def test_trainer_worker_killed_mid_run(ray_cluster, start, tmp_path):
     history = metrics(out)
     final = last_state(out)
     assert final["step"] == steps and final["applied"] == steps
-    # Steps after the checkpoint were redone from it, once each in the final history.
-    assert sorted({m["step"] for m in history}) == list(range(1, steps + 1))
+    # Steps after the checkpoint were redone from it and recorded once.
+    assert [m["step"] for m in history] == list(range(1, steps + 1))
 
 
-def test_non_finite_updates_stop_the_run_with_a_checkpoint(ray_cluster, jobs, mlflow_client, tmp_path):
+def test_non_finite_updates_stop_the_run(ray_cluster, jobs, mlflow_client, tmp_path):
     """A generator learning rate of 1e30 blows the weights up at the first update; every later
     loss is not finite, so the updates are skipped until the limit stops the run."""
     out = tmp_path / "run"
@@ -213,8 +213,7 @@ def test_non_finite_updates_stop_the_run_with_a_checkpoint(ray_cluster, jobs, ml
     assert proc.stderr.strip().splitlines()[-1].startswith("error: run stopped at step 4: 3 updates in a row")
     history = metrics(out)
     assert [m["skipped"] for m in history] == [0, 1, 1, 1]
-    state = last_state(out)
-    assert state["step"] == 4 and state["applied"] == 1
+    assert checkpoints(out) == []  # the diverged state is not checkpointed
     assert not (out / "generator").exists()  # nothing exported from a failed run
     client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.`distar.output_dir` = '{out.resolve()}'")

@@ -3,9 +3,8 @@
 import os
 
 from distar.cluster import engines  # noqa: F401  (imported for the check below: it configures nothing)
-from distar.cluster.launch import local_paths_made_absolute
 from distar.cluster.session import cpus_needed, worker_env
-from distar.config import load_config
+from distar.config import absolute_paths, load_config
 
 
 def test_local_paths_become_absolute_and_built_in_names_stay(tmp_path, monkeypatch):
@@ -13,7 +12,7 @@ def test_local_paths_become_absolute_and_built_in_names_stay(tmp_path, monkeypat
     (tmp_path / "prompts.txt").write_text("a prompt\n")
     (tmp_path / "held_out.txt").write_text("another prompt\n")
     (tmp_path / "toy").mkdir()  # a folder named like a built-in source must not capture it
-    cfg = local_paths_made_absolute(load_config(None, ["data.prompts=prompts.txt", "data.validation_prompts=held_out.txt", "run.output_dir=runs/x"]))
+    cfg = absolute_paths(load_config(None, ["data.prompts=prompts.txt", "data.validation_prompts=held_out.txt", "run.output_dir=runs/x"]))
     assert cfg.data.prompts == str(tmp_path / "prompts.txt") and cfg.data.validation_prompts == str(tmp_path / "held_out.txt")
     assert cfg.run.output_dir == str(tmp_path / "runs" / "x")
     assert cfg.model.reference == "toy" and [r.source for r in cfg.rewards] == ["toy", "toy"]

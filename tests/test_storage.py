@@ -162,6 +162,21 @@ def test_unusable_locations_name_what_is_wrong(s3, as_user, user, uri, says):
     assert not any(secret in str(caught.value) for secret in secrets_of(s3))
 
 
+@pytest.mark.parametrize("hostile", ["../../../../escape.txt", "/tmp/distar-abs-escape/x.txt", "unet/../../escape.txt"])
+def test_a_key_that_would_land_outside_the_cache_is_refused(s3, as_user, tmp_path, hostile):
+    """The cache names a folder's files by their keys under the prefix: a key whose name is
+    absolute or climbs with '..' is refused before anything is downloaded, on every node."""
+    prefix = f"hostile-{abs(hash(hostile))}"
+    s3.client().put_object(Bucket=BUCKET, Key=f"{prefix}/model_index.json", Body=b"{}")
+    s3.client().put_object(Bucket=BUCKET, Key=f"{prefix}/{hostile}", Body=b"written where it should not be")
+    with pytest.raises(UserError) as caught:
+        storage.fetch(f"s3://{BUCKET}/{prefix}/", "model.reference", tmp_path / "deep" / "down" / "cache")
+    assert str(caught.value).count("\n") == 0
+    assert caught.value.message.startswith(f"model.reference: s3://{BUCKET}/{prefix}/{hostile}: ")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing written, not even inside the cache
+    assert not Path("/tmp/distar-abs-escape/x.txt").exists()
+
+
 def test_bad_credentials_and_an_unreachable_store(s3, as_user, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAUSEROFTHIS")
     with pytest.raises(UserError, match=r"the store refused the credentials in use \(InvalidAccessKeyId\)"):

@@ -67,6 +67,8 @@ BAD = [
     ({"scheduler": {"metric": "val/reward/hpsv2"}},
      "space error: scheduler.metric: val/reward/hpsv2 is not reported by this run config (it reports val/reward/pickscore, val/reward/clip_score, val/pref"),
     ({"select": {"metric": "val/acc/colour"}}, "space error: select.metric: val/acc/colour is not reported"),
+    ({"parameters": {"objective.t_min": {"uniform": [20, 100]}}},
+     "space error: parameters.objective.t_min.uniform: samples values such as 49.6, which this field refuses (objective.t_min: Input should be a valid integer"),
 ]
 
 

@@ -4,6 +4,7 @@ update never reaches the fake score's parameters, with torch's AdamW and with De
 engines (the Ray runtime's engine code, on gloo in this process: its CPU twin)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -71,6 +72,16 @@ def test_non_finite_reward_skips_the_generator_update(run):
     assert skipping.step(run.sampler.batch(1), torch.Generator().manual_seed(1))["skipped"] == 1.0
 
 
+def test_a_non_finite_gradient_with_a_finite_loss_skips_the_update(run):
+    trainer = run.trainer
+    hook = next(trainer.generator.parameters()).register_hook(lambda grad: grad * float("inf"))
+    before = params(trainer.generator)
+    values = trainer.step(run.sampler.batch(0), torch.Generator().manual_seed(0))
+    hook.remove()
+    assert values["skipped"] == 1.0 and math.isfinite(values["loss/generator"]) and not math.isfinite(values["grad_norm/generator"])
+    assert torch.equal(params(trainer.generator), before)
+
+
 def spied(trainer: TrainerStep) -> list[str]:
     """Wrap the trainer's generator update so that any gradient computed for a fake-score
     parameter while it runs is recorded (by the parameter's name); returns that record."""
@@ -130,3 +141,19 @@ def test_a_deepspeed_step_equals_the_adamw_step(deepspeed_here, tmp_path):
         got = params(run.generator)
     assert torch.isfinite(got).all()
     assert (got - params(expected.generator)).abs().max() < 1e-6
+
+
+@pytest.mark.slow
+def test_under_deepspeed_zero3_a_non_finite_gradient_skips_the_update(deepspeed_here, tmp_path):
+    from distar.cluster.engines import gathered
+
+    cfg = load_config(SMOKE, ["data.batch_size=4", f"run.output_dir={tmp_path}"])
+    run = RunLoop(cfg, deepspeed_here(cfg), log=lambda line: None)
+    with gathered(run.generator):
+        before = params(run.generator)
+    hook = next(run.generator.parameters()).register_hook(lambda grad: grad * float("inf"))
+    values = run.trainer.step(run.sampler.batch(0), torch.Generator().manual_seed(0))
+    hook.remove()
+    assert values["skipped"] == 1.0 and math.isfinite(values["loss/generator"]) and not math.isfinite(values["grad_norm/generator"])
+    with gathered(run.generator):
+        assert torch.equal(params(run.generator), before)

@@ -13,9 +13,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from distar import safe_yaml, storage
 from distar.errors import UserError
 from distar.rewards import REWARD_NAMES
 
+BUILT_IN_SOURCES = ("tiny-random", "toy")  # source names, not paths, even where a folder of that name exists
 # Non-finite numbers are refused everywhere: a NaN weight would silently poison every step.
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -37,7 +39,8 @@ class RunSection(Section):
     log_every: int = Field(50, ge=1, description="Print a step line every N generator updates.")
     validate_every: int = Field(100, ge=1, description="Score the generator on the validation prompts every N updates (and after the last); logged and reported to Tune as val/*.")
     checkpoint_every: int = Field(250, ge=1, description="Checkpoint both networks, optimiser states, step and RNG every N updates (and at the end).")
-    max_consecutive_skips: int = Field(10, ge=1, description="Stop the run (keeping a checkpoint) after this many updates in a row skipped for a non-finite loss or reward.")
+    max_consecutive_skips: int = Field(10, ge=1, description="Stop the run after this many updates in a row skipped for a non-finite loss, reward "
+                                       "or gradient (no checkpoint is written at the stop: the last one holds the state before it).")
 
 
 class ModelSection(Section):
@@ -220,7 +223,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not path:
         raise ConfigError(f"--set {text!r}: empty path")
     try:
-        return path, yaml.safe_load(raw) if raw else ""
+        return path, safe_yaml.load(raw) if raw else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: value {raw!r} is not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
@@ -243,7 +246,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not p.is_file():
             raise ConfigError(f"--config {p}: no such file")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = safe_yaml.load(p.read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             reason = " ".join(str(e).split())  # one line, whatever the parser printed
             raise ConfigError(f"--config {p}: not valid YAML: {reason}") from None
@@ -263,3 +266,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """The config with its local paths absolute: trainer workers and pool replicas run in other
+    working directories, and a checkpoint's config must name the same files wherever it resumes."""
+    tree = cfg.model_dump(mode="json")
+    tree["run"]["output_dir"] = str(Path(cfg.run.output_dir).expanduser().resolve())
+    if cfg.run.storage_path and not storage.is_s3(cfg.run.storage_path):
+        tree["run"]["storage_path"] = str(Path(cfg.run.storage_path).expanduser().resolve())
+    local = lambda v: v is not None and v not in BUILT_IN_SOURCES and Path(v).expanduser().exists()  # noqa: E731
+    for section, key in (("data", "prompts"), ("data", "validation_prompts"), ("model", "reference"), ("model", "generator_init")):
+        if local(tree[section][key]):
+            tree[section][key] = str(Path(tree[section][key]).expanduser().resolve())
+    for reward in tree["rewards"]:
+        for key in ("source", "processor"):
+            if local(reward[key]):
+                reward[key] = str(Path(reward[key]).expanduser().resolve())
+    return RunConfig.model_validate(tree)

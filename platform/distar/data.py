@@ -48,7 +48,10 @@ def load_prompts(source: str, field: str = "data.prompts") -> list[str]:
         raise PromptError(f"{field}: cannot read {source!r}: {e}") from None
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        try:
+            rows = list(csv.DictReader(text.splitlines()))
+        except csv.Error as e:  # e.g. a field over the csv module's limit (128 KiB)
+            raise PromptError(f"{field}: {source!r} is not a readable CSV: {e}") from None
         if not rows or "prompt" not in rows[0]:
             raise PromptError(f"{field}: {source!r} has no `prompt` column")
         prompts = [r["prompt"] for r in rows]
@@ -57,6 +60,8 @@ def load_prompts(source: str, field: str = "data.prompts") -> list[str]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PromptError(f"{field}: {source!r} is not valid JSON: {e}") from None
+        except RecursionError:  # the decoder recurses once per bracket
+            raise PromptError(f"{field}: {source!r}: JSON nested too deeply to be a list of prompts") from None
         rows = data.get("prompt", data.get("prompts")) if isinstance(data, dict) else data
         if not isinstance(rows, list):
             raise PromptError(f"{field}: {source!r}: expected a list of prompts or of objects with a `prompt` key")

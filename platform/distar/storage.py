@@ -89,12 +89,24 @@ def objects(uri: str, field: str, keep: Keep | None = None) -> list[StoredObject
                  for o in page.get("Contents", []) if not o["Key"].endswith("/")]
     if not found:
         raise StorageError(f"{field}: {uri}: no such object, and no objects under it as a folder, in bucket {bucket!r}")
+    for o in found:
+        _stays_inside(o, bucket, field)
     if keep is not None:
         kept = set(keep([o.name for o in found]))
         if not kept:
             raise StorageError(f"{field}: {uri}: none of the {len(found)} objects under it is a file this model loads (e.g. {found[0].name})")
         found = [o for o in found if o.name in kept]
     return found
+
+
+def _stays_inside(o: StoredObject, bucket: str, field: str) -> None:
+    """A key names its file in the cache folder by its name under the prefix: refuse one that
+    would land outside the folder (anyone who can write the bucket could otherwise write any file
+    the driver, trainers and replicas can)."""
+    name = PurePosixPath(o.name)
+    if name.is_absolute() or ".." in name.parts or not name.parts:
+        raise StorageError(f"{field}: s3://{bucket}/{o.key}: refusing this key: its name under the prefix ({o.name!r}) "
+                           "is absolute or climbs with '..', so its file would land outside the download folder")
 
 
 def fetch(uri: str, field: str, cache: Path | None = None, keep: Keep | None = None) -> Path:

@@ -45,6 +45,7 @@ class RetryingCall:
                 if attempt == self.attempts:
                     raise PoolUnavailable(f"{self.role} pool: a request failed {attempt} times; last error: {type(e).__name__}: {e}") from e
                 print(f"{self.role} pool: request failed ({type(e).__name__}), sending it again ({attempt}/{self.attempts - 1})", flush=True)
+                self.response.cancel()  # a request that timed out may still be running: not twice the load
                 time.sleep(min(2.0 * attempt, 10.0))  # give Serve time to notice and replace the replica
                 self.response = self.method.remote(*self.args)
 

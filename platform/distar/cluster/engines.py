@@ -46,7 +46,8 @@ def engine_for(module: nn.Module, cfg: RunConfig, spec: OptimizerSpec):
 
 class EngineUpdate:
     """The DeepSpeed counterpart of distar.run.in_process.TorchUpdate: backward (gradients averaged over
-    the ranks), clip by global norm, AdamW on this rank's shard."""
+    the ranks), clip by global norm, AdamW on this rank's shard. ZeRO-3 skips the step when the
+    global norm is not finite, on every rank, and reports that norm."""
 
     def __init__(self, engine):
         self.engine = engine

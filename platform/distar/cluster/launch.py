@@ -9,30 +9,10 @@ from pathlib import Path
 
 from distar import storage
 from distar.cluster.session import RaySession, worker_env
-from distar.config import RunConfig
+from distar.config import RunConfig, absolute_paths
 from distar.errors import UserError
-from distar.models.sources import TINY, TOY
 from distar.run.runtime import Outcome
 from distar.tracking.runs import RunTarget
-
-BUILT_IN = (TINY, TOY)  # source names, not paths, even where a folder of that name exists
-
-
-def local_paths_made_absolute(cfg: RunConfig) -> RunConfig:
-    """Trainer workers and pool replicas run in other working directories: hand them absolute paths."""
-    tree = cfg.model_dump(mode="json")
-    tree["run"]["output_dir"] = str(Path(cfg.run.output_dir).resolve())
-    if cfg.run.storage_path and not storage.is_s3(cfg.run.storage_path):
-        tree["run"]["storage_path"] = str(Path(cfg.run.storage_path).expanduser().resolve())
-    local = lambda v: v is not None and v not in BUILT_IN and Path(v).expanduser().exists()  # noqa: E731
-    for section, key in (("data", "prompts"), ("data", "validation_prompts"), ("model", "reference"), ("model", "generator_init")):
-        if local(tree[section][key]):
-            tree[section][key] = str(Path(tree[section][key]).expanduser().resolve())
-    for reward in tree["rewards"]:
-        for key in ("source", "processor"):
-            if local(reward[key]):
-                reward[key] = str(Path(reward[key]).expanduser().resolve())
-    return RunConfig.model_validate(tree)
 
 
 def _not_in_process(location: str) -> None:
@@ -80,7 +60,7 @@ def fit(cfg: RunConfig, pools, tracking: RunTarget | None, callbacks: list = ())
 
 def train(cfg: RunConfig, tracking: RunTarget | None = None, log: Callable[[str], None] = print) -> Outcome:
     """One run: in a Ray session, start the pools and train; the session shuts the pools down."""
-    cfg = local_paths_made_absolute(cfg)
+    cfg = absolute_paths(cfg)
     with RaySession(cfg, log=log) as session:
         log("starting the reward and reference pools (Ray Serve)")
         pools = session.start_pools()

@@ -24,9 +24,9 @@ from distar.cluster.metrics import TrainerMetrics
 from distar.config import RunConfig
 from distar.roles.trainer import Update
 from distar.run.loop import RunLoop
+from distar.run.resume import STATE_FILE, write_state
 from distar.run.runtime import Outcome, Progress
 
-STATE_FILE = "trainer_state.json"
 NETWORKS = ("generator", "fake_score")  # each engine's tag in a checkpoint
 
 
@@ -67,7 +67,7 @@ class RayTrain:
             for tag in NETWORKS:
                 self.engines[tag].save_checkpoint(d, tag=tag)
             if self.rank == 0:
-                (Path(d) / STATE_FILE).write_text(json.dumps(dataclasses.asdict(progress)))
+                write_state(Path(d), dataclasses.asdict(progress), self.cfg)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def report(self, report: dict[str, float]) -> None:

@@ -169,6 +169,19 @@ def _vae_factor(vae: nn.Module) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+
+
+def check_pipeline_folder(folder: str | Path) -> Path:
+    """The folder, if it has the two files every load starts from (a driver checks this before
+    anything starts; a replica would only fail later, and again on every restart)."""
+    folder = Path(folder)
+    for needed in ("model_index.json", SCHEDULER_CONFIG):
+        if not (folder / needed).is_file():
+            raise UserError(f"{folder} is not a complete diffusers pipeline folder: it has no {needed}")
+    return folder
+
+
 def load_parts(
     folder: str | Path,
     num_train_timesteps: int,
@@ -184,14 +197,11 @@ def load_parts(
     as the stock pipeline assumes. `family` picks the conditioner and must fit the folder."""
     from diffusers import UNet2DConditionModel
 
-    folder = Path(folder)
-    if not (folder / "model_index.json").is_file():
-        raise UserError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    folder = check_pipeline_folder(folder)
     index = json.loads((folder / "model_index.json").read_text())
     if ("text_encoder_2" in index) != (family == "sdxl"):  # else the UNet fails later on a cryptic shape mismatch
         raise UserError(f"model.family: {family!r} does not fit {folder}, a {index.get('_class_name', 'pipeline')} folder")
-    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    schedule = Schedule.from_scheduler_config(scheduler_config)
+    schedule = Schedule.from_scheduler_config(json.loads((folder / SCHEDULER_CONFIG).read_text()))
     if schedule.num_train_timesteps != num_train_timesteps:
         raise UserError(f"model.num_train_timesteps: config says {num_train_timesteps}, the reference's scheduler has {schedule.num_train_timesteps}")
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=unet_dtype or dtype)

@@ -20,10 +20,11 @@ from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
 from distar import storage
+from distar.config import BUILT_IN_SOURCES
 from distar.errors import UserError
 from distar.models import tiny
 
-TINY, TOY = "tiny-random", "toy"
+TINY, TOY = BUILT_IN_SOURCES
 TINY_BUILDERS = {
     "toy": tiny.build_sd15_pipeline,  # the toy family has SD1.5's structure
     "sd15": tiny.build_sd15_pipeline,

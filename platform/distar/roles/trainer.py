@@ -32,7 +32,9 @@ from distar.roles.reference_worker import ReferenceRequest, ReferenceResult
 from distar.roles.reward_worker import RewardRequest, RewardResult
 
 T = TypeVar("T", covariant=True)
-Update = Callable[[Tensor], float]  # back-propagate a loss and step one network; returns its gradient norm
+# Back-propagate a loss and step one network; returns its gradient norm, non-finite (on every
+# rank alike) when the gradient was not finite and the step was skipped.
+Update = Callable[[Tensor], float]
 
 
 class Pending(Protocol[T]):
@@ -132,15 +134,13 @@ class TrainerStep:
 
     def step(self, prompts: list[str], rng: torch.Generator) -> dict[str, float]:
         """K fake-score updates, then one generator update, all on the same global batch of prompts
-        (this rank trains on its shard). An update whose loss or reward is not finite on any rank
-        is skipped on all of them; metrics["skipped"] is then 1."""
+        (this rank trains on its shard). An update whose loss, reward or gradient is not finite on
+        any rank is skipped on all of them; metrics["skipped"] is then 1."""
         n, rows = len(prompts), self.shard.rows(len(prompts))
         prompts, skipped = prompts[rows], False
         for _ in range(self.optim.fake_updates_per_step):
             fake_loss = self.fake_loss(prompts, self.draw(n, rng)[rows])
-            if self.all_ranks_agree(_finite(fake_loss)):
-                self.fake_update(fake_loss)
-            else:
+            if not (self.all_ranks_agree(_finite(fake_loss)) and math.isfinite(self.fake_update(fake_loss))):
                 skipped = True
         # The fake score stays frozen through the generator's backward too: its parameters must
         # get no gradient (and, under ZeRO-3, no gradient reduction) from the generator loss.
@@ -149,6 +149,7 @@ class TrainerStep:
             rewards_finite = all(math.isfinite(v) for k, v in metrics.items() if k.startswith("reward/"))
             if self.all_ranks_agree(_finite(loss) and rewards_finite):
                 metrics["grad_norm/generator"] = self.gen_update(loss)
+                skipped |= not math.isfinite(metrics["grad_norm/generator"])
             else:
                 skipped = True
         metrics["loss/fake_score"] = fake_loss.item()

@@ -18,7 +18,7 @@ from distar.config import ConfigError, RunConfig
 from distar.data import load_prompts, validation_prompts
 from distar.errors import UserError
 from distar.models import precision, sources
-from distar.models.diffusion import Denoiser, DiffusionParts, OneStepGenerator, decode_latents, load_parts, load_vae
+from distar.models.diffusion import Denoiser, DiffusionParts, OneStepGenerator, check_pipeline_folder, decode_latents, load_parts, load_vae
 from distar.rewards import REWARDS, MissingProcessorError, load_reward
 from distar.roles.reference_worker import ReferenceWorker
 from distar.roles.reward_worker import RewardWorker
@@ -32,7 +32,12 @@ def check_inputs(cfg: RunConfig) -> None:
         validation_prompts(cfg.data.prompts, cfg.data.validation_prompts, cfg.data.validation_size)
         load_prompts(cfg.data.prompts)
         m = cfg.model
-        sources.resolve(m.reference, m.family, cache_dir(), "model.reference", fetch=False)
+        reference = sources.resolve(m.reference, m.family, cache_dir(), "model.reference", fetch=False)
+        if reference is not None:  # here already: look inside
+            try:
+                check_pipeline_folder(reference)
+            except UserError as e:
+                raise ConfigError(f"model.reference: {e.message}") from None
         if m.generator_init is not None:
             sources.resolve(m.generator_init, m.family, cache_dir(), "model.generator_init", fetch=False, files="unet")
         check_rewards(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -24,10 +25,10 @@ from distar.errors import UserError
 from distar.roles.trainer import Ready, Update
 from distar.run import build
 from distar.run.loop import RunLoop
+from distar.run.resume import STATE_FILE, write_state
 from distar.run.runtime import Outcome, Progress
 from distar.tracking.runs import RunTarget
 
-STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
 KEEP = 2
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
 
@@ -40,12 +41,14 @@ class TorchUpdate:
         self.opt = torch.optim.AdamW(module.parameters(), lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
 
     def __call__(self, loss: Tensor) -> float:
-        """Back-propagate the loss and step; returns the gradient norm before clipping."""
+        """Back-propagate the loss and step; returns the gradient norm before clipping. A
+        non-finite norm (a finite loss can still have one) skips the step, as DeepSpeed does."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
-        self.opt.step()
-        return norm.item()
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip).item()
+        if math.isfinite(norm):
+            self.opt.step()
+        return norm
 
 
 class Checkpoints:
@@ -135,7 +138,7 @@ class InProcess:
         with tempfile.TemporaryDirectory() as d:
             for name, update in self.networks.items():
                 torch.save({"module": update.module.state_dict(), "optimizer": update.opt.state_dict()}, Path(d) / f"{name}.pt")
-            (Path(d) / STATE_FILE).write_text(json.dumps(dataclasses.asdict(progress)))
+            write_state(Path(d), dataclasses.asdict(progress), self.cfg)
             self.checkpoints.write(Path(d), progress.step)
 
     def report(self, report: dict[str, float]) -> None:

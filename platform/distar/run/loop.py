@@ -79,6 +79,8 @@ class RunLoop:
         if self.writer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(to_yaml(cfg))
+            if progress is None:  # a run from step 0: no earlier run's steps in its file
+                (self.out / METRICS_FILE).unlink(missing_ok=True)
         record = RunRecord(tracking if self.writer else None, self.shown, self.sample, cfg.tracking.grid_every, cfg.run.steps)
         validation = Validation(cfg, self.parts, self.latent_shape, self.score_rewards if self.writer else None)
         try:
@@ -91,6 +93,7 @@ class RunLoop:
                 before = None
                 if self.writer:
                     self.log(f"resuming from the checkpoint at step {progress.step}")
+            self.recorded = self.last_recorded_step()
             stopped = self.steps(progress, rng, record, validation)
             after = record.grid(cfg.run.steps) if stopped is None else None
         finally:
@@ -115,17 +118,35 @@ class RunLoop:
                 runtime.step_done(seconds, samples, values, parts, progress.step - progress.applied)
                 if progress.step % cfg.run.log_every == 0 or progress.step == steps:
                     self.log(line(progress.step, values))
-            record.step(progress.step, values, seconds, samples)
+            # Steps replayed from a checkpoint were recorded by the attempt that died (the same values:
+            # the run is deterministic); each step is recorded once.
+            fresh = progress.step > self.recorded
+            if fresh:
+                record.step(progress.step, values, seconds, samples)
             if validation.due(progress.step):
                 progress.validation, progress.validations = validation(self.generator), progress.validations + 1
-                record.validated(progress.step, progress.validation)
+                if fresh:
+                    record.validated(progress.step, progress.validation)
                 if self.writer:
                     self.log(validation_line(progress.step, progress.validation))
             stopped = self.stop_rule(progress)
-            self.keep(progress, rng, {**values, "step": progress.step, "applied": progress.applied}, validation, force=stopped is not None)
+            self.keep(progress, rng, {**values, "step": progress.step, "applied": progress.applied}, validation, stopping=stopped is not None)
             if stopped is not None:
                 return stopped
         return None
+
+    def last_recorded_step(self) -> int:
+        """The last step in the metrics file (rank 0's; other ranks record nothing), which is cut
+        back to its complete lines: a killed worker may have left half of one."""
+        path = self.out / METRICS_FILE
+        if not self.writer or not path.is_file():
+            return 0
+        text = path.read_text()
+        complete = text[: text.rfind("\n") + 1]
+        if complete != text:
+            path.write_text(complete)
+        lines = complete.splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
 
     def stop_rule(self, progress: Progress) -> str | None:
         """Too many updates in a row skipped: the run cannot go on (restarting its workers would
@@ -134,21 +155,23 @@ class RunLoop:
         if progress.skipped_in_a_row < limit:
             return None
         location = (self.cfg.run.storage_path or self.cfg.run.output_dir).rstrip("/")
-        return (f"{limit} updates in a row had a non-finite loss or reward (run.max_consecutive_skips); the last checkpoint, "
-                f"under {location}/checkpoints, keeps the weights of the last applied update")
+        return (f"{limit} updates in a row had a non-finite loss, reward or gradient (run.max_consecutive_skips); no checkpoint "
+                f"was written at the stop, so the last one under {location}/checkpoints holds the state before it")
 
-    def keep(self, progress: Progress, rng: torch.Generator, values: dict, validation: Validation, force: bool) -> None:
-        """The step's values to the metrics file; a checkpoint at its cadence (and at the end or a
-        stop), else a report where one is due. Every rank reports at the same steps (a barrier)."""
+    def keep(self, progress: Progress, rng: torch.Generator, values: dict, validation: Validation, stopping: bool) -> None:
+        """The step's values to the metrics file; a checkpoint at its cadence and at the end, else a
+        report where one is due (or at a stop, which checkpoints nothing: restarting from a
+        diverged state would only stop again, evicting the good checkpoints one by one). Every
+        rank reports at the same steps (a barrier)."""
         run, step = self.cfg.run, progress.step
-        if self.writer:
+        if self.writer and step > self.recorded:
             with (self.out / METRICS_FILE).open("a") as f:
                 f.write(json.dumps(values) + "\n")
         report = {**values, **progress.validation, "validations": progress.validations}
-        if force or step % run.checkpoint_every == 0 or step == run.steps:
+        if not stopping and (step % run.checkpoint_every == 0 or step == run.steps):
             progress.rng = rng.get_state().tolist()
             self.runtime.save(progress, report)
-        elif step % run.log_every == 0 or validation.due(step):
+        elif stopping or step % run.log_every == 0 or validation.due(step):
             self.runtime.report(report)
 
     def export(self, before: torch.Tensor | None, after: torch.Tensor) -> Path:

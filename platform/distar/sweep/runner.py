@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ray import tune
 
-from distar.cluster import launch, session
-from distar.config import RunConfig
+from distar.cluster import session
+from distar.config import RunConfig, absolute_paths
 from distar.errors import RunFailed, UserError
 from distar.sweep import results
 from distar.sweep.space import Space, SpaceError
@@ -176,7 +176,7 @@ def sweep(cfg: RunConfig, space: Space, space_text: str, log: Callable[[str], No
 
     from distar.cluster.pools import start_serve
 
-    cfg = launch.local_paths_made_absolute(cfg)
+    cfg = absolute_paths(cfg)
     folder = Path(cfg.run.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     state = folder / STATE_FILE

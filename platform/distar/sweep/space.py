@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from distar import safe_yaml
 from distar.config import ConfigError, RunConfig, load_config, set_path
 from distar.errors import UserError
 
@@ -149,11 +150,17 @@ def _check_against_config(path: str, dist: Distribution, base: str | Path | None
     """The path names a field of the base config, and every value it can take validates there."""
     if path not in leaves:
         raise _fail(f"parameters.{path}", "no such field in the run config" + _near(path, leaves))
-    for value in dist.values:
+    ranged = dist.kind in ("uniform", "loguniform")
+    # A range samples between its ends too: a value with a fraction shows a field that takes only integers.
+    inside = (dist.values[0] + 0.37 * (dist.values[1] - dist.values[0]),) if ranged else ()
+    for value in (*dist.values, *inside):
         try:
             load_config(base, [*overrides, f"{path}={json.dumps(value)}"])
         except ConfigError as e:
             reason = e.message.splitlines()[0]
+            if value in inside:
+                raise _fail(f"parameters.{path}.{dist.kind}", f"samples values such as {value:g}, which this field refuses ({reason}); "
+                            "use choice or grid for a field that takes integers") from None
             raise _fail(f"parameters.{path}.{dist.kind}", f"{value!r} is not a valid value ({reason})") from None
 
 
@@ -188,7 +195,7 @@ def load_space(path: str | Path, base: str | Path | None = None, overrides: list
     if not p.is_file():
         raise _fail("--space", f"{p}: no such file")
     try:
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = safe_yaml.load(p.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise _fail("--space", f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(tree, dict):
