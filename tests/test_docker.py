@@ -207,3 +207,26 @@ def test_compose_config_is_accepted_by_docker_compose_when_installed(tmp_path):
     r = subprocess.run([docker, "compose", "-f", str(DOCKER / "compose.yaml"), "--env-file", str(env), "config", "--quiet"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_compose_ray_nodes_use_a_generated_token():
+    services = compose()["services"]
+    for name in ("ray-head", "ray-worker"):
+        node = services[name]
+        assert node["environment"]["RAY_AUTH_MODE"] == "token" and node["environment"]["RAY_AUTH_TOKEN_PATH"] == "/ray-auth/auth_token"
+        assert "ray-auth:/ray-auth:ro" in node["volumes"]
+    assert services["ray-head"]["depends_on"]["ray-token"] == {"condition": "service_completed_successfully"}
+    token = services["ray-token"]
+    assert "ray-auth:/ray-auth" in token["volumes"] and "secrets.token_hex(32)" in token["entrypoint"][-1]
+    assert "RAY_AUTH_TOKEN" not in str(token) and "RAY_AUTH_TOKEN:" not in (DOCKER / "compose.yaml").read_text()  # never a literal
+
+
+def test_the_compose_token_script_writes_one_private_token(tmp_path):
+    import subprocess
+    import sys
+
+    script = compose()["services"]["ray-token"]["entrypoint"][-1].replace("/ray-auth/", f"{tmp_path}/")
+    first = subprocess.run([sys.executable, "-c", script, "cat"], capture_output=True, text=True, check=True).stdout.strip()
+    again = subprocess.run([sys.executable, "-c", script, "cat"], capture_output=True, text=True, check=True).stdout.strip()
+    assert len(first) == 64 and again == first  # generated once, kept across restarts
+    assert (tmp_path / "auth_token").stat().st_mode & 0o777 == 0o600

@@ -14,7 +14,8 @@ from PIL import Image
 
 from distar.config import load_config
 from distar.tracking import store
-from distar.tracking.runs import flat_params, safe_config
+from distar.tracking.runs import flat_params
+from distar.tracking.store import safe_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hunter2-s3cr3t"
@@ -27,7 +28,7 @@ def test_secrets_are_redacted_from_params_and_config():
     assert params["tracking.mlflow_uri"] == "https://***@mlflow.example.com"
     assert params["model.reference"] == "https://host/model?X-Amz-Signature=***&x=1"
     assert params["objective.alpha"] == "1.0" and params["rewards.1.name"] == "clip_score"
-    assert SECRET not in repr(params) and SECRET not in repr(safe_config(cfg))
+    assert SECRET not in repr(params) and SECRET not in repr(safe_tree(cfg.model_dump(mode="json")))
     assert flat_params({"aws": {"secret_access_key": "abc", "region": "x"}}) == {"aws.secret_access_key": "***", "aws.region": "x"}
 
 

@@ -182,6 +182,7 @@ class ConfigError(UserError):
 
 
 def _format(err: ValidationError) -> str:
+    from distar.tracking.store import redact  # a misspelt key may hold a URI with its password
     lines = []
     for e in err.errors():
         msg = e["msg"].removeprefix("Value error, ")
@@ -189,7 +190,7 @@ def _format(err: ValidationError) -> str:
             lines.append(msg)
             continue
         path = ".".join(str(p) for p in e["loc"])
-        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        got = "" if e["type"] == "missing" else f" (got {redact(repr(e['input']))})"
         if len(got) > 80 or isinstance(e["input"], dict):
             got = ""
         lines.append(f"{path}: {msg}{got}")
@@ -264,7 +265,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML for files and terminals: credentials redacted (distar.tracking.store)."""
+    from distar.tracking.store import safe_tree
+
+    return yaml.safe_dump(safe_tree(cfg.model_dump(mode="json")), sort_keys=False)
 
 
 

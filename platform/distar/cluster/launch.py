@@ -13,6 +13,7 @@ from distar.config import RunConfig, absolute_paths
 from distar.errors import UserError
 from distar.run.runtime import Outcome
 from distar.tracking.runs import RunTarget
+from distar.tracking.store import safe_tree
 
 
 def _not_in_process(location: str) -> None:
@@ -40,7 +41,9 @@ def fit(cfg: RunConfig, pools, tracking: RunTarget | None, callbacks: list = ())
     c = cfg.cluster
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"run": cfg.model_dump(mode="json"), "reward": pools.reward, "reference": pools.reference, "tracking": tracking},
+        # Ray keeps this in its run state, which the dashboard shows: the config goes redacted (rank 0
+        # writes to MLflow through the tracking target, whose credentials never print).
+        train_loop_config={"run": safe_tree(cfg.model_dump(mode="json")), "reward": pools.reward, "reference": pools.reference, "tracking": tracking},
         scaling_config=ScalingConfig(num_workers=c.trainer_workers, use_gpu=c.trainer_gpus > 0,
                                      resources_per_worker={"CPU": c.trainer_cpus, **({"GPU": c.trainer_gpus} if c.trainer_gpus else {})}),
         run_config=TrainRunConfig(

@@ -23,6 +23,7 @@ from distar.roles.batching import run_merged
 from distar.roles.reference_worker import ReferenceRequest, ReferenceResult
 from distar.roles.reward_worker import RewardRequest, RewardResult
 from distar.run import build
+from distar.tracking.store import safe_tree
 
 
 def _images(requests: list) -> int:
@@ -86,7 +87,7 @@ class Pools:
         """Deploy both pools (replicas get `env`) and wait until every replica has loaded its models."""
         start_serve()
         tag = f"distar-{cfg.run.name}-{uuid.uuid4().hex[:6]}"
-        payload = cfg.model_dump(mode="json")
+        payload = safe_tree(cfg.model_dump(mode="json"))  # Serve shows deployments' arguments: no credentials in them
         names, handles = (f"{tag}-rewards", f"{tag}-reference"), []
         for name, deployment, pool in zip(names, (RewardPool, ReferencePool), (cfg.cluster.reward_pool, cfg.cluster.reference_pool)):
             options = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "runtime_env": {"env_vars": env}}

@@ -11,20 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from distar.config import RunConfig
+from distar.config import RunConfig, to_yaml
 from distar.errors import UserError
 from distar.tracking import store
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout, when distar runs from one
-
-
-def _redacted(key: object, value: object) -> object:
-    """A config leaf as logged: *** under a secret-like name, credentials in URIs redacted."""
-    if store.SECRET_NAME.search(str(key)) and value:
-        return "***"
-    return store.redact(value) if isinstance(value, str) else value
 
 
 def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -36,20 +28,8 @@ def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, (dict, list)) and value:
             out.update(flat_params(value, path + "."))
         else:
-            out[path] = str(_redacted(key, value))
+            out[path] = str(store.redacted(key, value))
     return out
-
-
-def safe_config(cfg: RunConfig) -> dict:
-    """The config as logged in config.yaml, redacted by the same rule as the params."""
-    def walk(key, v):
-        if isinstance(v, dict):
-            return {k: walk(k, x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [walk(key, x) for x in v]
-        return _redacted(key, v)
-
-    return walk("", cfg.model_dump(mode="json"))
 
 
 def git_commit() -> str | None:
@@ -109,7 +89,7 @@ class TrainingRun:
         names = list(params)
         for i in range(0, len(names), 100):  # MLflow takes at most 100 params per batch (the same values again on reopening)
             self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, params[k]) for k in names[i : i + 100]])
-        self.client.log_text(self.run_id, yaml.safe_dump(safe_config(cfg), sort_keys=False), "config.yaml")
+        self.client.log_text(self.run_id, to_yaml(cfg), "config.yaml")
 
     @property
     def target(self) -> RunTarget:

@@ -36,6 +36,22 @@ def redact(text: str) -> str:
     return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub("***@", text))
 
 
+def redacted(key: object, value: object) -> object:
+    """A config leaf as written or logged: *** under a secret-like name, credentials in URIs redacted."""
+    if SECRET_NAME.search(str(key)) and value:
+        return "***"
+    return redact(value) if isinstance(value, str) else value
+
+
+def safe_tree(tree: object, key: object = "") -> object:
+    """A config tree (model_dump) with every leaf redacted: what is written, printed or handed on."""
+    if isinstance(tree, dict):
+        return {k: safe_tree(v, k) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [safe_tree(v, key) for v in tree]
+    return redacted(key, tree)
+
+
 @dataclass(frozen=True)
 class Store:
     """An MLflow store: a URI safe to print and link, and the credentials it takes (never printed)."""
