@@ -2,17 +2,25 @@
 checkpoints (unless told to start over), and two runs never write it at once."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from distar.config import load_config
-from distar.run.resume import ResumeError, claimed, differences, write_state
+from distar.run.resume import LOCK_FILE, ResumeError, claimed, differences, write_state
 
 SMOKE = "jobs/configs/smoke.yaml"
 
 
 def config(out, *sets):
     return load_config(SMOKE, [f"run.output_dir={out}", *sets])
+
+
+def claim(cfg, restart: bool = False) -> None:
+    """Start a run on cfg's folder and end it at once: what the train job does before and after training."""
+    with claimed(cfg, restart):
+        assert f"pid {os.getpid()}" in (Path(cfg.run.output_dir) / LOCK_FILE).read_text()  # held, and by whom
 
 
 def checkpoint(out, step: int, cfg) -> None:
@@ -35,11 +43,9 @@ def test_only_fields_that_shape_training_count(tmp_path):
 def test_a_run_that_trains_differently_is_refused_naming_the_fields(tmp_path):
     checkpoint(tmp_path, 2, config(tmp_path))
     checkpoint(tmp_path, 4, config(tmp_path, "optim.generator.lr=3e-4"))  # the newest decides
-    with claimed(config(tmp_path, "optim.generator.lr=3e-4", "run.steps=10")):
-        pass
+    claim(config(tmp_path, "optim.generator.lr=3e-4", "run.steps=10"))
     with pytest.raises(ResumeError) as e:
-        with claimed(config(tmp_path, "objective.divergence=kl")):
-            pass
+        claim(config(tmp_path, "objective.divergence=kl"))
     message = str(e.value)
     assert "\n" not in message and message.startswith(f"error: run.output_dir: {tmp_path}/checkpoints holds a checkpoint at step 4 ")
     assert "objective.divergence ('score' in the checkpoint, 'kl' now); optim.generator.lr (0.0003 in the checkpoint, 0.0001 now)" in message
@@ -56,10 +62,8 @@ def test_restart_deletes_the_checkpoints_and_metrics(tmp_path):
 def test_two_runs_never_share_a_folder_at_once(tmp_path):
     with claimed(config(tmp_path)):
         with pytest.raises(ResumeError, match=rf"run.output_dir: {tmp_path} is in use by another run \(pid \d+\)"):
-            with claimed(config(tmp_path)):
-                pass
-    with claimed(config(tmp_path)):  # released when the first run ended
-        pass
+            claim(config(tmp_path))
+    claim(config(tmp_path))  # released when the first run ended
 
 
 @pytest.mark.slow
