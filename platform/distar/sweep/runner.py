@@ -145,14 +145,16 @@ def _outcomes(folder: Path, cfg: RunConfig, client, parent_run_id: str) -> list[
         status = results.status_of(trial["status"], last, cfg.run.steps, trial["error"] is not None)
         run_id = child_run(client, parent_run_id, trial_id)
         run = client.get_run(run_id) if run_id else None
-        message = (run.data.tags.get("distar.error") if run else None) or trial["error"]
-        if run is not None and run.info.status == "RUNNING":
-            if status == results.STOPPED:
-                client.set_tag(run_id, "distar.stopped", f"stopped early by the scheduler at step {last.get('step')} "
-                               f"after {last.get('validations')} validations")
-                client.set_terminated(run_id, "KILLED")
-            else:
-                end_with_error(client, run_id, KeyboardInterrupt if status == results.INTERRUPTED else RuntimeError, RuntimeError(message))
+        message = None if status == results.STOPPED else (run.data.tags.get("distar.error") if run else None) or trial["error"]
+        if run is not None and status == results.STOPPED and run.info.status != "FINISHED":
+            # Tune stops a trial by exiting its thread, which the trial may have recorded as a failure first: the ledger's word wins.
+            if "distar.error" in run.data.tags:
+                client.delete_tag(run_id, "distar.error")
+            client.set_tag(run_id, "distar.stopped", f"stopped early by the scheduler at step {last.get('step')} "
+                           f"after {last.get('validations')} validations")
+            client.set_terminated(run_id, "KILLED")
+        elif run is not None and run.info.status == "RUNNING":
+            end_with_error(client, run_id, KeyboardInterrupt if status == results.INTERRUPTED else RuntimeError, RuntimeError(message))
         metrics = {k: float(v) for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         out.append(results.Outcome(trial_id, status, trial["config"], metrics, run_id, message))
     return out
