@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from distar.cluster.session import free_port as _free_port  # noqa: E402
 from distar.models import tiny  # noqa: E402
 from zero3_here import _gloo_rank, deepspeed_here  # noqa: E402,F401 -- fixtures, shared from their own module
+from cluster_runs import start  # noqa: E402,F401 -- the fixture of training jobs in the background
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]

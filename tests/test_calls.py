@@ -1,18 +1,25 @@
 """What the trainer sends a pool (distar.cluster.calls): CPU float32 tensors, on the first send
 and on the re-send after a replica died, and never the caller's own objects."""
 
+import pytest
 import torch
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
 
-from distar.cluster.calls import RetryingCall
+from distar.cluster.calls import PoolUnavailable, RetryingCall
 from distar.roles.reward_worker import RewardRequest
 
 
 class Response:
+    """Like Serve's DeploymentResponse: cancel() first waits for the request to be assigned, so a
+    request no replica could take raises its error there too."""
+
     def __init__(self, outcome):
         self.outcome, self.cancelled = outcome, False
 
     def cancel(self):
+        if isinstance(self.outcome, DeploymentUnavailableError):
+            raise self.outcome
         self.cancelled = True
 
     def result(self, timeout_s):
@@ -52,3 +59,20 @@ def test_a_request_that_timed_out_is_cancelled_before_it_is_sent_again():
                         on_done=lambda role, s: None, device=torch.device("cpu"))
     call.result()
     assert [r.cancelled for r in replicas.responses] == [True, False]
+
+
+def test_a_pool_gone_for_good_fails_the_call_in_one_line_after_its_attempts(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)  # the pauses between attempts
+
+    class Gone(Replicas):
+        def remote(self, request):
+            self.sent.append(request)
+            self.responses.append(Response(DeploymentUnavailableError("RewardPool")))
+            return self.responses[-1]
+
+    replicas = Gone()
+    call = RetryingCall(replicas, (RewardRequest(torch.zeros(1, 4, 8, 8), ["a"]),), "reward", attempts=3, timeout_s=1,
+                        on_done=lambda role, s: None, device=torch.device("cpu"))
+    with pytest.raises(PoolUnavailable, match=r"^error: reward pool: a request failed 3 times; last error: DeploymentUnavailableError"):
+        call.result()
+    assert len(replicas.sent) == 3

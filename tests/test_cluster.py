@@ -1,22 +1,21 @@
 """The run on a real Ray cluster (`ray start --head` on 127.0.0.1): pools as Serve deployments,
-the trainer on Ray Train with DeepSpeed ZeRO-3 engines, checkpoints, resume and failures."""
+the trainer on Ray Train with DeepSpeed ZeRO-3 engines, checkpoints, resume, divergence, metrics.
+Faults and stops: test_faults.py."""
 
 import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from cluster_runs import ROOT, SMOKE, checkpoints, finish, last_state, metrics, tracked, train_args, wait_for_step
 from distar.config import load_config
 from distar.run.in_process import run_loop
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = "jobs/configs/smoke.yaml"
 PARAM_TOL = 1e-6  # absolute, on weights that one Adam step moves by up to lr = 1e-4
 # Adam moves every weight by about lr * sign(g) on its first step, however small g is: with the
 # default eps (1e-8), weights whose gradient is at float32 rounding level (1e-9 here: summation
@@ -27,10 +26,6 @@ ONE_STEP = ["run.steps=1", "optim.generator.eps=1e-5"]
 pytestmark = pytest.mark.slow
 
 
-def train_args(out: Path, *sets: str) -> list[str]:
-    return ["--config", SMOKE, "--set", f"run.output_dir={out}", *[a for s in sets for a in ("--set", s)]]
-
-
 @pytest.fixture
 def run_train(jobs, ray_cluster):
     def run(*args, timeout=600):
@@ -39,18 +34,6 @@ def run_train(jobs, ray_cluster):
         return proc
 
     return run
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def checkpoints(out: Path) -> list[Path]:
-    return sorted(p for p in (out / "checkpoints").glob("checkpoint_*") if p.is_dir())
-
-
-def last_state(out: Path) -> dict:
-    return json.loads((checkpoints(out)[-1] / "trainer_state.json").read_text())
 
 
 def unet_params(folder: Path) -> torch.Tensor:
@@ -107,7 +90,7 @@ def test_ray_job_submit_end_to_end(ray_cluster, mlflow_client, tmp_path):
     job = re.search(r"Job '(\S+)' succeeded", proc.stdout)
     assert job and "Ray dashboard: http://" in proc.stdout
     client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])  # the cluster's, inherited by the job
-    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.`distar.output_dir` = '{out.resolve()}'")
+    run = tracked(mlflow_client, out)
     assert run.info.status == "FINISHED" and run.data.tags["ray.job_id"] == job.group(1)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "reward/pickscore")] == [1, 2, 3]  # written by rank 0
     [version] = client.search_model_versions(f"run_id = '{run.info.run_id}'")
@@ -124,83 +107,6 @@ def test_ray_job_submit_end_to_end(ray_cluster, mlflow_client, tmp_path):
     t_star = json.loads((out / "generator" / "distar.json").read_text())["one_step_timestep"]
     images = pipe(["a prompt"], num_inference_steps=1, timesteps=[t_star], guidance_scale=1.0, output_type="pt").images
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
-
-
-def _wait_for_step(out: Path, step: int, proc, timeout=300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[0][-5000:]
-        if (out / "metrics.jsonl").is_file() and any(m["step"] >= step for m in metrics(out)):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"the run did not reach step {step} in {timeout} s")
-
-
-def _wait_for_registered_checkpoint(out: Path, step: int, proc, timeout=120) -> None:
-    snapshot, deadline = out / "checkpoints" / "checkpoint_manager_snapshot.json", time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[0][-5000:]
-        if snapshot.is_file() and any(c["metrics"]["step"] >= step for c in json.loads(snapshot.read_text())["checkpoint_results"]):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"no checkpoint at step {step} registered in {timeout} s")
-
-
-@pytest.fixture
-def start(jobs, ray_cluster):
-    """A training job in the background; its process group is ended if the test leaves it running."""
-    started = []
-
-    def start_job(out: Path, steps: int):
-        started.append(jobs.start("train.py", *train_args(out, f"run.steps={steps}", "run.checkpoint_every=3"), env=ray_cluster.run_env))
-        return started[-1]
-
-    yield start_job
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-
-
-def _finish(proc, timeout=600) -> str:
-    log, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, log[-5000:]
-    return log
-
-
-def _kill(cluster, code: str) -> None:
-    """Run `code` in a driver of its own against the cluster (ray, list_actors and os in scope)."""
-    script = f"import os, signal, ray\nfrom ray.util.state import list_actors\nray.init(address='{cluster.address}')\n{code}\n"
-    subprocess.run([sys.executable, "-c", script], env=cluster.env, check=True, timeout=120, capture_output=True)
-
-
-def test_reward_replica_killed_mid_run(ray_cluster, start, tmp_path):
-    out, steps = tmp_path / "run", 12
-    proc = start(out, steps)
-    _wait_for_step(out, 3, proc)
-    _kill(ray_cluster, "names = [a['name'] for a in ray.util.list_named_actors(all_namespaces=True) if '-rewards#RewardPool#' in a['name']]\n"
-                       "assert len(names) == 1, names\n"
-                       "ray.kill(ray.get_actor(names[0], namespace='serve'), no_restart=True)")
-    _finish(proc)
-    history = metrics(out)
-    assert [m["step"] for m in history] == list(range(1, steps + 1))  # no step lost or counted twice
-    assert history[-1]["applied"] == steps
-
-
-def test_trainer_worker_killed_mid_run(ray_cluster, start, tmp_path):
-    out, steps = tmp_path / "run", 8
-    proc = start(out, steps)
-    _wait_for_step(out, 4, proc)
-    _wait_for_registered_checkpoint(out, 3, proc)  # the controller resumes only from checkpoints it has registered
-    _kill(ray_cluster, "(w,) = list_actors(filters=[('class_name', '=', 'RayTrainWorker'), ('state', '=', 'ALIVE')])\n"
-                       "os.kill(w.pid, signal.SIGKILL)")
-    log = _finish(proc)
-    assert "resuming from the checkpoint at step" in log
-    history = metrics(out)
-    final = last_state(out)
-    assert final["step"] == steps and final["applied"] == steps
-    # Steps after the checkpoint were redone from it and recorded once.
-    assert [m["step"] for m in history] == list(range(1, steps + 1))
 
 
 def test_non_finite_updates_stop_the_run(ray_cluster, jobs, mlflow_client, tmp_path):
@@ -230,36 +136,16 @@ def test_run_metrics_reach_the_prometheus_endpoint(ray_cluster, start, tmp_path)
 
     out = tmp_path / "run"
     proc = start(out, steps=30)
-    _wait_for_step(out, 2, proc)
+    wait_for_step(out, 2, proc)
     found, deadline = set(), time.time() + 90
     while time.time() < deadline and len(found) < len(METRICS) and proc.poll() is None:
         text = urllib.request.urlopen(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10).read().decode()
         found = {m for m in METRICS if f"ray_{m}" in text}
         time.sleep(1)
-    _finish(proc)
+    finish(proc)
     assert found == set(METRICS)
     roles = set(re.findall(r'ray_distar_role_latency_s_count\{[^}]*role="(\w+)"', text))
     assert roles == {"reward", "reference"}
     assert set(re.findall(r'ray_distar_reward\{[^}]*model="(\w+)"', text)) == {"pickscore", "clip_score"}
 
 
-def _replicas(cluster, out: Path) -> list[str]:
-    """Names of the Serve replicas of the run writing to `out` (its app names carry the run name)."""
-    script = (f"import ray\nray.init(address='{cluster.address}')\n"
-              "print('\\n'.join(a['name'] for a in ray.util.list_named_actors(all_namespaces=True) if a['name'].startswith('SERVE_REPLICA::distar-')))")
-    proc = subprocess.run([sys.executable, "-c", script], env=cluster.env, check=True, timeout=120, capture_output=True, text=True)
-    return [line for line in proc.stdout.splitlines() if line]
-
-
-def test_ctrl_c_shuts_the_pools_down(ray_cluster, start, tmp_path):
-    import signal
-
-    out = tmp_path / "run"
-    proc = start(out, steps=200)
-    _wait_for_step(out, 2, proc)
-    assert len(_replicas(ray_cluster, out)) == 2  # one reward and one reference replica
-    proc.send_signal(signal.SIGINT)
-    log, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, log[-3000:]
-    assert "interrupted: pools shut down" in log
-    assert _replicas(ray_cluster, out) == []

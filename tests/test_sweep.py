@@ -117,8 +117,9 @@ def test_bad_input_exits_2_before_anything_starts(tmp_path, jobs):
 
 
 def test_an_interrupted_sweep_resumes_into_the_same_runs(ray_cluster, mlflow_server, tmp_path, jobs, mlflow_client):
-    """Ctrl-C while the second of two trials runs; the same command finishes the sweep without
-    redoing the first trial, in the same parent run."""
+    """SIGTERM (as `ray job stop` or a scheduler sends it; it takes Ctrl-C's path) while the second
+    of two trials runs; the same command finishes the sweep without redoing the first trial, in
+    the same parent run."""
     space = {"search": {"algorithm": "grid", "max_concurrent": 1}, "scheduler": {"kind": "fifo", "metric": "val/pref"},
              "parameters": {"optim.generator.lr": {"grid": [1e-4, 2e-4]}}}
     args = [*sweep_args(tmp_path / "out", mlflow_server.uri, space, tmp_path), "--set", "tracking.experiment=resumed", "--set", "run.checkpoint_every=5"]
@@ -135,9 +136,10 @@ def test_an_interrupted_sweep_resumes_into_the_same_runs(ray_cluster, mlflow_ser
         if any(r.info.status == "FINISHED" for r in trials) and len(trials) == 2:  # the first done, the second started
             break
         time.sleep(2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 130, log[-4000:]
+    assert proc.returncode == 143, log[-4000:]
+    assert log.strip().splitlines()[-1].startswith("terminated: "), log[-4000:]
     [parent] = [r for r in runs() if r.data.tags.get("distar.kind") == "sweep"]
     assert parent.info.status == "KILLED"
     first = next(r for r in runs() if r.data.tags.get("distar.kind") == "trial" and r.info.status == "FINISHED")

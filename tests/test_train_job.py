@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import signal
+import time
 
 import pytest
 import torch
@@ -34,6 +36,34 @@ def test_smoke_run_trains_and_exports_a_one_step_pipeline(tmp_path, mode, jobs):
     pipe.set_progress_bar_config(disable=True)
     images = pipe(["a small red circle on the left"] * 2, num_inference_steps=1, timesteps=[t_star], guidance_scale=1.0, output_type="pt").images
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_run_on_its_own_ray_instance_and_leaves_no_process_behind(tmp_path, jobs):
+    """SIGTERM (a scheduler's or the OOM killer's parent's) takes Ctrl-C's path: the local Ray
+    instance the job started goes down with it, agents included."""
+    import psutil
+
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = jobs.start("train.py", "--config", "jobs/configs/smoke.yaml", "--set", f"run.output_dir={out}", "--set", "run.steps=500", env=env)
+    try:
+        deadline = time.time() + 300
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate(timeout=60)[0][-3000:] if proc.poll() is not None else "no step in 300 s"
+            time.sleep(1)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert any("raylet" in " ".join(p.cmdline()) for p in started if p.is_running())
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, log[-3000:]
+    assert log.strip().splitlines()[-1] == "terminated: pools shut down; the run resumes from its last checkpoint when started again"
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert alive == [], [p.pid for p in alive]  # still running after the job exited
 
 
 @pytest.mark.parametrize(

@@ -121,6 +121,7 @@ class PoolSpec(Section):
     num_cpus: Positive = Field(0.5, description="CPUs per replica (fractions allowed).")
     num_gpus: NonNegative = Field(0.0, description="GPUs per replica (fractions allowed).")
     max_batch_size: int = Field(32, ge=1, description="Most images a replica assembles from concurrent requests into one batch.")
+    request_timeout_s: Positive = Field(300.0, description="Seconds a trainer waits on one request before sending it again (5 tries, then the run fails).")
 
 
 class ClusterSection(Section):

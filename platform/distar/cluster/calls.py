@@ -7,6 +7,7 @@ routes it to a live or replacement replica) loses no step and counts none twice.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -45,7 +46,8 @@ class RetryingCall:
                 if attempt == self.attempts:
                     raise PoolUnavailable(f"{self.role} pool: a request failed {attempt} times; last error: {type(e).__name__}: {e}") from e
                 print(f"{self.role} pool: request failed ({type(e).__name__}), sending it again ({attempt}/{self.attempts - 1})", flush=True)
-                self.response.cancel()  # a request that timed out may still be running: not twice the load
+                with contextlib.suppress(*RETRYABLE):  # Serve's cancel re-raises a request that never reached a replica
+                    self.response.cancel()  # a request that timed out may still be running: not twice the load
                 time.sleep(min(2.0 * attempt, 10.0))  # give Serve time to notice and replace the replica
                 self.response = self.method.remote(*self.args)
 
@@ -53,12 +55,14 @@ class RetryingCall:
 class PoolClients:
     """The two pool callables TrainerStep takes, backed by the pools' deployment handles."""
 
-    def __init__(self, reward_handle, reference_handle, on_done: Callable[[str, float], None], attempts: int = 5, timeout_s: float = 300.0):
+    def __init__(self, reward_handle, reference_handle, on_done: Callable[[str, float], None], timeouts_s: tuple[float, float] = (300.0, 300.0),
+                 attempts: int = 5):
+        """`timeouts_s`: how long one request to the reward and to the reference pool may take."""
         self.reward, self.reference = reward_handle.score, reference_handle.query
-        self.on_done, self.attempts, self.timeout_s = on_done, attempts, timeout_s
+        self.on_done, self.attempts, self.timeouts_s = on_done, attempts, timeouts_s
 
     def score_rewards(self, request) -> RetryingCall:
-        return RetryingCall(self.reward, (request,), "reward", self.attempts, self.timeout_s, self.on_done, request.x0.device)
+        return RetryingCall(self.reward, (request,), "reward", self.attempts, self.timeouts_s[0], self.on_done, request.x0.device)
 
     def query_reference(self, request):
-        return RetryingCall(self.reference, (request,), "reference", self.attempts, self.timeout_s, self.on_done, request.x_t.device).result()
+        return RetryingCall(self.reference, (request,), "reference", self.attempts, self.timeouts_s[1], self.on_done, request.x_t.device).result()

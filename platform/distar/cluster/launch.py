@@ -28,7 +28,7 @@ def _not_in_process(location: str) -> None:
 def fit(cfg: RunConfig, pools, tracking: RunTarget | None, callbacks: list = ()) -> Outcome:
     """Run the trainer on Ray Train against running pools; returns how the run ended. The same
     output folder (or run.storage_path) resumes from its checkpoints."""
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig, TrainingFailedError
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
@@ -58,7 +58,22 @@ def fit(cfg: RunConfig, pools, tracking: RunTarget | None, callbacks: list = ())
         result = trainer.fit()
     except SystemExit as e:  # Ray Train's own Ctrl-C handler aborts the run, then exits
         raise KeyboardInterrupt from e
+    except TrainingFailedError as e:
+        failure = _run_failure(e)
+        if failure is None:
+            raise
+        raise failure from e
     return result.return_value  # rank 0's outcome of the run loop
+
+
+def _run_failure(error) -> UserError | None:
+    """The run-ending error a worker raised (a pool that keeps failing, a bad input found late),
+    to end the job in its one line; None for anything else, a bug, which keeps its traceback."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        cause = getattr(failure, "_base_exc", failure)  # Ray Train wraps each worker's exception with its traceback text
+        if isinstance(cause, UserError):
+            return cause
+    return None
 
 
 def train(cfg: RunConfig, tracking: RunTarget | None = None, log: Callable[[str], None] = print) -> Outcome:

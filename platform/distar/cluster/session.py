@@ -88,17 +88,19 @@ def _connect(cfg: RunConfig, cpus: float | None) -> str:
 
 class RaySession:
     """`with RaySession(cfg) as session:` Ray is there; pools started with session.start_pools()
-    are deleted when the block ends, and so is a local instance the session started."""
+    are deleted when the block ends, and so is a local instance the session started. A session
+    that connected this process leaves the cluster too, so Ray's buffered log lines print before
+    the job's last line."""
 
     def __init__(self, cfg: RunConfig, cpus: float | None = None, log: Callable[[str], None] = print):
         self.cfg, self.cpus, self.log = cfg, cpus, log
-        self.started_ray, self.pools = False, None
+        self.connected, self.pools = False, None
 
     def __enter__(self) -> RaySession:
         import ray
 
-        if not ray.is_initialized():
-            self.started_ray = not os.environ.get("RAY_ADDRESS")
+        if not ray.is_initialized():  # else: inside a Ray task (a Tune trial), on the cluster it runs on
+            self.connected = True
             self.log(f"Ray dashboard: {_connect(self.cfg, self.cpus)}" + (f" (job {job_id()})" if job_id() else ""))
         return self
 
@@ -116,5 +118,5 @@ class RaySession:
             if self.pools is not None:
                 self.pools.shutdown()
         finally:
-            if self.started_ray:
-                ray.shutdown()
+            if self.connected:
+                ray.shutdown()  # stops a local instance; leaves a cluster it joined running

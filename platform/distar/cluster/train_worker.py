@@ -41,7 +41,8 @@ class RayTrain:
         self.cfg, self.rank, self.world = cfg, context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.metrics = TrainerMetrics(cfg.run.name)
-        self.clients = PoolClients(reward_handle, reference_handle, self.metrics.request_done)
+        timeouts = (cfg.cluster.reward_pool.request_timeout_s, cfg.cluster.reference_pool.request_timeout_s)
+        self.clients = PoolClients(reward_handle, reference_handle, self.metrics.request_done, timeouts)
         self.engines: dict = {}
 
     def pools(self, cfg: RunConfig, parts):
