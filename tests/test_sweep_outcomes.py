@@ -1,13 +1,20 @@
-"""How a sweep's driver reads its trials' ends back (no Ray: the ledger files Tune's callback
-writes, and a real MLflow store), so a race inside a trial cannot mislabel its run."""
+"""The sweep driver's bookkeeping, without Ray: how it reads its trials' ends back from the ledger
+Tune's callback writes (a race inside a trial cannot mislabel its run), which folder it may
+resume or take, and that concluding twice registers one version (a real MLflow store)."""
 
 import json
+from pathlib import Path
 
+import mlflow
+import pytest
 from mlflow import MlflowClient
 
 from distar.config import load_config
+from distar.errors import UserError
+from distar.run import resume
 from distar.sweep import results, runner
 from distar.sweep.trial import PARENT_TAG, TRIAL_TAG
+from distar.tracking import registry, store
 
 
 def ledger(folder, trial_id: str, status: str, step: int) -> None:
@@ -43,3 +50,62 @@ def test_a_finished_trial_is_left_as_it_ended(tmp_path):
     ledger(tmp_path, "t_0000", "TERMINATED", step=20)
     [outcome] = runner._outcomes(tmp_path, load_config("jobs/configs/smoke.yaml", ["run.steps=20"]), client, parent)
     assert outcome.status == results.COMPLETED and client.get_run(child).info.status == "FINISHED"
+
+
+def interrupted_sweep(folder, space_text: str, cfg) -> None:
+    (folder / "tune").mkdir(parents=True)
+    (folder / "tune" / "tuner.pkl").write_bytes(b"")  # what makes Tune's state restorable
+    runner._record(folder, {"parent_run_id": "p1", "space": space_text, "config": cfg.model_dump(mode="json")})
+
+
+def test_a_sweep_resumes_only_with_the_files_it_started_with(tmp_path):
+    cfg = load_config("jobs/configs/smoke.yaml", [f"run.output_dir={tmp_path}"])
+    interrupted_sweep(tmp_path, "parameters: {objective.alpha: {grid: [1, 2]}}\n", cfg)
+    assert runner._earlier(tmp_path, cfg, "parameters: {objective.alpha: {grid: [1, 2]}}\n") == "p1"
+    with pytest.raises(UserError, match=r"--space: .* holds an interrupted sweep of another space file"):
+        runner._earlier(tmp_path, cfg, "parameters: {objective.alpha: {grid: [1, 3]}}\n")
+    changed = load_config("jobs/configs/smoke.yaml", [f"run.output_dir={tmp_path}", "objective.cfg_scale=2.0"])
+    with pytest.raises(UserError, match=r"base config trains differently: objective.cfg_scale \(.* in the checkpoint, 2.0 now\)"):
+        runner._earlier(tmp_path, changed, "parameters: {objective.alpha: {grid: [1, 2]}}\n")
+
+
+def test_sweeps_and_training_runs_do_not_share_a_folder(tmp_path):
+    cfg = load_config("jobs/configs/smoke.yaml", [f"run.output_dir={tmp_path}"])
+    checkpoint = tmp_path / "checkpoints" / "checkpoint_000004"
+    checkpoint.mkdir(parents=True)
+    resume.write_state(checkpoint, {"step": 4}, cfg)
+    with pytest.raises(UserError, match="holds a training run's checkpoints; give the sweep another run.output_dir"):
+        runner._earlier(tmp_path, cfg, "")
+    swept = tmp_path / "swept"
+    interrupted_sweep(swept, "", cfg)
+    with pytest.raises(UserError, match="holds a sweep; give this run another run.output_dir"):
+        with resume.claimed(cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(swept)})})):
+            pass
+
+
+def test_the_sweep_record_is_replaced_whole(tmp_path, monkeypatch):
+    runner._record(tmp_path, {"parent_run_id": "p1"})
+    real = Path.write_text
+
+    def torn(path, text, *args, **kwargs):  # a crash halfway through the write
+        real(path, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(OSError):
+        runner._record(tmp_path, {"parent_run_id": "p1", "finished": True})
+    monkeypatch.undo()
+    assert json.loads((tmp_path / runner.STATE_FILE).read_text()) == {"parent_run_id": "p1"}
+
+
+def test_concluding_again_registers_no_second_candidate(tmp_path):
+    where = store.resolve(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = store.connect(where, "sweeps")  # artifacts beside the database, not in the working directory
+    client = where.client()
+    with mlflow.start_run(experiment_id=experiment) as run:
+        logged = mlflow.pyfunc.log_model(name="generator", python_model=str(Path(registry.__file__).with_name("pyfunc_code.py")))
+    cfg = load_config("jobs/configs/smoke.yaml", ["tracking.registered_model=swept"])
+    first = registry.register_logged(client, logged.model_uri, cfg)
+    again = registry.register_logged(client, logged.model_uri, cfg)  # the sweep crashed before recording it was finished
+    assert again.version == first.version and len(client.search_model_versions("name = 'swept'")) == 1
+    assert client.get_model_version_by_alias("swept", "candidate").run_id == run.info.run_id

@@ -26,6 +26,7 @@ from distar.errors import UserError
 STATE_FILE = "trainer_state.json"  # the step a checkpoint holds; written last, by rank 0
 CONFIG_FILE = "run_config.yaml"  # the config that wrote the checkpoint, beside its state
 LOCK_FILE = ".distar.lock"
+SWEEP_MARK = "sweep.json"  # a sweep's record of itself (sweep/runner.py): its folder is not a training run's
 # Fields that do not shape the trained weights: where and how often a run reports, saves and
 # looks, its length, its cluster's resources (trainer_workers does: it sets the global batch).
 NOT_TRAINING = ("run.name", "run.steps", "run.output_dir", "run.storage_path", "run.log_every", "run.validate_every",
@@ -105,9 +106,8 @@ def start_over(cfg: RunConfig) -> None:
 
 
 @contextlib.contextmanager
-def claimed(cfg: RunConfig, restart: bool = False) -> Iterator[None]:
-    """The output folder, locked for this run, checked (or emptied) for resuming."""
-    out = Path(cfg.run.output_dir)
+def locked(out: Path) -> Iterator[None]:
+    """The output folder, held by this process (a run or a sweep) until the block ends."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / LOCK_FILE, "a+") as lock:
         try:
@@ -121,6 +121,16 @@ def claimed(cfg: RunConfig, restart: bool = False) -> Iterator[None]:
         lock.truncate()
         lock.write(f"pid {os.getpid()}")
         lock.flush()
+        yield
+
+
+@contextlib.contextmanager
+def claimed(cfg: RunConfig, restart: bool = False) -> Iterator[None]:
+    """The output folder, locked for this run, checked (or emptied) for resuming."""
+    out = Path(cfg.run.output_dir)
+    with locked(out):
+        if (out / SWEEP_MARK).is_file():
+            raise ResumeError(f"run.output_dir: {out} holds a sweep; give this run another run.output_dir")
         if restart:
             start_over(cfg)
         else:

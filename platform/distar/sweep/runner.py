@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,11 @@ from ray import tune
 from distar.cluster import session
 from distar.config import RunConfig, absolute_paths
 from distar.errors import RunFailed, UserError
+from distar.run import resume
 from distar.sweep import results
 from distar.sweep.space import Space, SpaceError
 from distar.sweep.trial import TrialSetup, child_run, run_trial, trial_config
-from distar.tracking import registry
+from distar.tracking import registry, store
 from distar.tracking.runs import TrainingRun, end_with_error
 
 STATE_FILE = "sweep.json"  # the sweep's MLflow run, for resuming into it
@@ -176,41 +178,73 @@ def sweep(cfg: RunConfig, space: Space, space_text: str, log: Callable[[str], No
     pools, started and stopped by the trial: the baseline that bench/sweep_sharing.py measures."""
     import ray
 
-    from distar.cluster.pools import start_serve
-
     cfg = absolute_paths(cfg)
     folder = Path(cfg.run.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    local_trials = min(space.max_concurrent or 1, space.trials)  # what a local instance makes room for
+    once, trial = _needs(cfg, shared_pools)
+    with resume.locked(folder):
+        earlier = _earlier(folder, cfg, space_text)
+        with session.RaySession(cfg, once["CPU"] + local_trials * trial["CPU"], log) as ray_session:
+            n = concurrency(cfg, space, ray.cluster_resources(), shared_pools)
+            with TrainingRun(cfg, session.job_id(), kind="sweep", run_id=earlier) as parent:
+                record = {"parent_run_id": parent.run_id, "space": space_text, "config": store.safe_tree(cfg.model_dump(mode="json"))}
+                _record(folder, record)
+                parent.client.log_text(parent.run_id, space_text, "space.yaml")
+                log(f"MLflow: {parent.link()}" + (" (resumed)" if earlier else ""))
+                outcomes = _trials(cfg, space, parent, ray_session if shared_pools else None, n, fresh=earlier is None, log=log)
+                result = _conclude(cfg, space, parent, outcomes, folder, log)
+                _record(folder, {**record, "finished": True})
+                return result
+
+
+def _earlier(folder: Path, cfg: RunConfig, space_text: str) -> str | None:
+    """The MLflow run of the interrupted sweep this one resumes, if any; refuses (exit 2) a folder
+    that holds a finished sweep, a training run, or an interrupted sweep of other files."""
     state = folder / STATE_FILE
     recorded = json.loads(state.read_text()) if state.is_file() else {}
     if recorded.get("finished"):
         raise UserError(f"run.output_dir: {folder} holds a finished sweep (MLflow run {recorded['parent_run_id']}); choose another folder")
-    earlier = recorded.get("parent_run_id") if tune.Tuner.can_restore(folder / "tune") else None
-    local_trials = min(space.max_concurrent or 1, space.trials)  # what a local instance makes room for
-    once, trial = _needs(cfg, shared_pools)
-    with session.RaySession(cfg, once["CPU"] + local_trials * trial["CPU"], log) as ray_session:
-        n = concurrency(cfg, space, ray.cluster_resources(), shared_pools)
-        with TrainingRun(cfg, session.job_id(), kind="sweep", run_id=earlier) as parent:
-            state.write_text(json.dumps({"parent_run_id": parent.run_id}))
-            parent.client.log_text(parent.run_id, space_text, "space.yaml")
-            log(f"MLflow: {parent.link()}" + (" (resumed)" if earlier else ""))
-            log(f"{space.trials} trials, {n} at a time; " + ("starting the shared reward and reference pools (Ray Serve)" if shared_pools else "each with its own pools"))
-            if shared_pools:
-                pools = ray_session.start_pools()
-            else:
-                pools = None
-                start_serve()  # each trial deploys its own pools on it
-            setup = TrialSetup(cfg.model_dump(mode="json"), pools, parent.run_id, session.job_id())
-            if earlier is None:  # a fresh sweep in a folder an earlier, finished one used
-                for name in (TRIALS_FILE, ENDED_FILE):
-                    (folder / name).unlink(missing_ok=True)
-            _tuner(cfg, space, setup, folder, n).fit()
-            outcomes = _outcomes(folder, cfg, parent.client, parent.run_id)
-            if any(o.status == results.INTERRUPTED for o in outcomes) or not outcomes:
-                raise SweepInterrupted(f"the sweep stopped before every trial ended; run the same command again to resume it from {folder}")
-            result = _conclude(cfg, space, parent, outcomes, folder, log)
-            state.write_text(json.dumps({"parent_run_id": parent.run_id, "finished": True}))
-            return result
+    if not recorded and resume.latest(str(folder)) is not None:
+        raise UserError(f"run.output_dir: {folder} holds a training run's checkpoints; give the sweep another run.output_dir")
+    if not recorded or not tune.Tuner.can_restore(folder / "tune"):
+        return None
+    if recorded.get("space", space_text) != space_text:
+        raise UserError(f"--space: {folder} holds an interrupted sweep of another space file; resume it with the same "
+                        "space file, or give this sweep another run.output_dir")
+    differ = resume.differences(recorded["config"], cfg) if "config" in recorded else []
+    if differ:
+        raise UserError(f"run.output_dir: {folder} holds an interrupted sweep whose base config trains differently: {'; '.join(differ)}. "
+                        "Resume it with the same config, or give this sweep another run.output_dir")
+    return recorded["parent_run_id"]
+
+
+def _record(folder: Path, record: dict) -> None:
+    """sweep.json, replaced whole: a crash leaves the old record or the new one, never half of one."""
+    part = folder / f"{STATE_FILE}.part"
+    part.write_text(json.dumps(record))
+    os.replace(part, folder / STATE_FILE)
+
+
+def _trials(cfg: RunConfig, space: Space, parent: TrainingRun, ray_session, n: int, fresh: bool, log) -> list[results.Outcome]:
+    """Every trial run to its end with Tune; `ray_session` starts the shared pools (None: each trial its own)."""
+    from distar.cluster.pools import start_serve
+
+    folder = Path(cfg.run.output_dir)
+    log(f"{space.trials} trials, {n} at a time; " + ("starting the shared reward and reference pools (Ray Serve)" if ray_session else "each with its own pools"))
+    if ray_session is not None:
+        pools = ray_session.start_pools()
+    else:
+        pools = None
+        start_serve()  # each trial deploys its own pools on it
+    setup = TrialSetup(cfg.model_dump(mode="json"), pools, parent.run_id, session.job_id())
+    if fresh:  # nothing to resume: an earlier attempt's ledger would mislabel these trials
+        for name in (TRIALS_FILE, ENDED_FILE):
+            (folder / name).unlink(missing_ok=True)
+    _tuner(cfg, space, setup, folder, n).fit()
+    outcomes = _outcomes(folder, cfg, parent.client, parent.run_id)
+    if any(o.status == results.INTERRUPTED for o in outcomes) or not outcomes:
+        raise SweepInterrupted(f"the sweep stopped before every trial ended; run the same command again to resume it from {folder}")
+    return outcomes
 
 
 def _conclude(cfg: RunConfig, space: Space, parent: TrainingRun, outcomes: list[results.Outcome], folder: Path, log) -> SweepResult:

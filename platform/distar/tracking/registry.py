@@ -112,11 +112,16 @@ def log_generator(client: mlflow.MlflowClient, run_id: str, folder: Path, cfg: R
 
 def register_logged(client: mlflow.MlflowClient, model_uri: str, cfg: RunConfig):
     """Register a logged generator under `tracking.registered_model` and point alias `candidate`
-    at the new version. Returns the model version."""
+    at the new version. Returns the model version. A generator registered before (a sweep that
+    crashed after registering its selection concludes again) keeps its version: one model, one version."""
     name = cfg.tracking.registered_model
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*await_registration_for.*")
-        version = mlflow.register_model(model_uri, name, await_registration_for=0).version
+    earlier = [v for v in client.search_model_versions(f"name = '{name}'") if v.source == model_uri]
+    if earlier:
+        version = earlier[0].version
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*await_registration_for.*")
+            version = mlflow.register_model(model_uri, name, await_registration_for=0).version
     client.set_registered_model_alias(name, CANDIDATE, str(version))
     client.set_model_version_tag(name, str(version), "distar.run_name", cfg.run.name)
     return client.get_model_version(name, str(version))
