@@ -26,10 +26,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from cluster_runs import start  # noqa: E402,F401 -- the fixture of training jobs in the background
 from distar.cluster.session import free_port as _free_port  # noqa: E402
 from distar.models import tiny  # noqa: E402
+from serving_app import served  # noqa: E402,F401 -- the served generator (one per test module that uses it)
 from zero3_here import _gloo_rank, deepspeed_here  # noqa: E402,F401 -- fixtures, shared from their own module
-from cluster_runs import start  # noqa: E402,F401 -- the fixture of training jobs in the background
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,13 +233,20 @@ def new_ray_cluster():
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend, in its own process group. By
     default it serves artifacts from a folder; `artifacts` replaces the server's artifact options
-    (e.g. an s3:// destination, with the endpoint and credentials in `env`)."""
+    (e.g. an s3:// destination, with the endpoint and credentials in `env`). `admin=(user, password)`
+    turns on MLflow's basic-auth app: every request needs that login (`login` is the URI with it)."""
 
-    def __init__(self, root: Path, artifacts: tuple[str, ...] = (), env: dict | None = None):
+    def __init__(self, root: Path, artifacts: tuple[str, ...] = (), env: dict | None = None, admin: tuple[str, str] | None = None):
         self.uri = f"http://127.0.0.1:{_free_port()}"
-        port = self.uri.rsplit(":", 1)[1]
+        port, auth = self.uri.rsplit(":", 1)[1], []
+        if admin:
+            (root / "auth.ini").write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{root}/auth.db\nadmin_username = "
+                                           f"{admin[0]}\nadmin_password = {admin[1]}\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            env = {**(env or os.environ), "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+            auth = ["--app-name", "basic-auth"]
+            self.login = self.uri.replace("://", f"://{admin[0]}:{admin[1]}@")
         self.proc = Servers().start(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", port, "--workers", "1",
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", port, "--workers", "1", *auth,
              "--backend-store-uri", f"sqlite:///{root}/mlflow.db", *(artifacts or ("--artifacts-destination", str(root / "artifacts")))],
             root / "mlflow_server.log", env)
 

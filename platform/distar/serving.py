@@ -1,7 +1,8 @@
 """The generator behind HTTP: a Ray Serve app that answers `POST /generate` with PNGs.
 
     serve run distar.serving:app model=models:/distar-generator@champion [tracking_uri=URI] \
-        [num_replicas=1] [num_cpus=1] [num_gpus=0] [max_batch_size=8] [batch_wait_timeout_s=0.01]
+        [num_replicas=1] [num_cpus=1] [num_gpus=0] [max_batch_size=8] [batch_wait_timeout_s=0.01] \
+        [max_queued_requests=64] [request_timeout_s=30]
     serve run cluster_configs/serve.yaml          # the same as a Serve config file
 
 `app(args)` is the application builder both forms call. `model` is any location
@@ -10,6 +11,8 @@ MLflow model folder, a diffusers folder). An alias is resolved to its version on
 is built, so every replica serves that pinned version even if the alias moves later. `tracking_uri`
 defaults to MLFLOW_TRACKING_URI of the process that builds the app (with `serve run CONFIG` that
 is a task on the cluster: set it in the config's args), else the embedded store of its directory.
+The store's credentials (from the URI or MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN where the app is
+built) travel to the replicas inside the deployment's arguments, never printed or shown.
 
 Each replica loads the model once. Requests:
 
@@ -20,12 +23,16 @@ Each replica loads the model once. Requests:
         Image i uses noise seed seed+i: the same request always gives the same images, the same
         ones `jobs/generate.py` and the pyfunc model make.
         4xx {"error": "<field>: <reason>"}: 415 not JSON, 413 body over 16 KiB, 400 unparsable
-        JSON or not an object, 422 a field missing, unknown, of the wrong type or out of range.
-        A rejected request never reaches the model.
+        JSON or not an object, 422 a field missing, unknown, of the wrong type or out of range,
+        408 a body not received within request_timeout_s, 429 (Retry-After) when the replica
+        already holds max_queued_requests generate requests. A rejected request never reaches
+        the model.
     GET /healthz    {"status": "ok", "model": URI, "name": registered name, "version": N}
 
 Concurrent requests are batched (`serve.batch`, counted in images up to `max_batch_size`) into
-one generator call; it runs in a thread so health checks and validation go on meanwhile.
+one generator call; it runs in a thread so health checks and validation go on meanwhile. A
+replica takes more requests than it holds generate requests (max_ongoing_requests), so slow or
+waiting generate requests never keep /healthz or a 429 out.
 """
 
 # No `from __future__ import annotations`: FastAPI must see `Request` itself in the methods
@@ -50,6 +57,7 @@ from distar.tracking import store
 MAX_PROMPT_CHARS = 1000
 MAX_BODY_BYTES = 16 * 1024  # a 1000-character prompt fits even fully \u-escaped
 MAX_SEED = 2**32 - 1
+HEADROOM = 32  # requests a replica takes beyond the generate requests it holds: health checks, refusals
 
 
 class ServeArgsError(UserError, ValueError):
@@ -70,6 +78,8 @@ class ServeArgs(BaseModel):
     num_gpus: float = Field(default=0.0, ge=0)
     max_batch_size: int = Field(default=8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=10)
+    max_queued_requests: int = Field(default=64, ge=1, le=10_000)
+    request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
 
 
 class GenerateRequest(BaseModel):
@@ -138,10 +148,11 @@ class Endpoint:
         from distar.tracking import registry
 
         torch.set_num_threads(max(1, int(spec["num_cpus"])))
-        loaded = registry.load(spec["model"], store.resolve(spec["tracking_uri"]))  # once per replica
+        loaded = registry.load(spec["model"], spec["store"])  # once per replica, with the store's credentials
         if spec["num_gpus"] > 0 and torch.cuda.is_available():
             loaded.model.pipe.to("cuda")
         self.model, self.max_images = loaded.model, int(spec["max_batch_size"])
+        self.max_queued, self.timeout_s, self.holding = int(spec["max_queued_requests"]), float(spec["request_timeout_s"]), 0
         self.health = {"status": "ok", "model": store.redact(loaded.uri), "name": loaded.name,
                        "version": int(loaded.version) if loaded.version else None, "max_batch_size": self.max_images}
         self._batch.set_max_batch_size(self.max_images)
@@ -158,8 +169,20 @@ class Endpoint:
 
     @api.post("/generate")
     async def generate(self, request: Request) -> Response:
+        if self.holding >= self.max_queued:  # before reading anything: a full replica answers at once
+            return JSONResponse({"error": f"busy: {self.holding} requests queued; retry later"}, status_code=429, headers={"Retry-After": "1"})
+        self.holding += 1
         try:
-            job = GenerateRequest.model_validate(await self._json_body(request), context={"max_images": self.max_images})
+            return await self._generate(request)
+        finally:
+            self.holding -= 1
+
+    async def _generate(self, request: Request) -> Response:
+        try:
+            body = await asyncio.wait_for(self._json_body(request), self.timeout_s)  # a trickling body does not hold a slot
+            job = GenerateRequest.model_validate(body, context={"max_images": self.max_images})
+        except TimeoutError:
+            return JSONResponse({"error": f"body: not received within {self.timeout_s:g} s"}, status_code=408)
         except BadRequest as e:
             return JSONResponse({"error": e.reason}, status_code=e.status)
         except ValidationError as e:
@@ -246,8 +269,10 @@ def app(args: dict) -> Application:
         raise ServeArgsError(_describe(e) + " (usage: serve run distar.serving:app model=models:/NAME@ALIAS [key=value ...])") from None
     where = store.resolve(parsed.tracking_uri)
     model = _pinned(parsed.model, where)
-    spec = {**parsed.model_dump(), "model": model, "tracking_uri": where.uri}
+    spec = {**parsed.model_dump(exclude={"tracking_uri"}), "model": model, "store": where}  # a Store's repr omits its credentials
     options = {"num_cpus": parsed.num_cpus, "num_gpus": parsed.num_gpus}
+    # Room above the generate requests a replica holds: /healthz and 429s always get in.
+    ongoing = parsed.max_queued_requests + HEADROOM
     return Endpoint.options(
-        num_replicas=parsed.num_replicas, ray_actor_options=options, max_ongoing_requests=max(16, 4 * parsed.max_batch_size),
+        num_replicas=parsed.num_replicas, ray_actor_options=options, max_ongoing_requests=ongoing, max_queued_requests=ongoing,
     ).bind(spec)

@@ -44,7 +44,10 @@ def load_pipeline(folder: str | Path, dtype: torch.dtype = torch.float32):
     # Components a fetch leaves out (a reference's safety checker, feature extractor) load as None.
     index = json.loads((Path(folder) / "model_index.json").read_text())
     absent = {name: None for name in index if not name.startswith("_") and name not in PIPELINE_COMPONENTS}
-    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, **absent)
+    try:  # safetensors only: a pickled .bin planted in a folder is never unpickled
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, **absent)
+    except OSError as e:  # diffusers' word for a missing or unreadable file
+        raise UserError(f"{folder}: cannot load the pipeline ({str(e).splitlines()[0][:300]})") from None
     if one_step_timestep(folder) is None:  # a diffusion model: sample with DDIM
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=True)
     else:

@@ -7,7 +7,8 @@ Each registered version gets alias `candidate`; jobs/promote.py moves `champion`
 
 `load(uri)` is how evaluation and serving open any model: a registry URI (`models:/name@alias`,
 `models:/name/3`), a run artifact (`runs:/<run id>/generator`), a logged MLflow model folder or a
-plain diffusers folder.
+plain diffusers folder. It reads files only: the code stored with a model never runs in distar
+(MLflow's own `mlflow.pyfunc.load_model` does run it, for users who trust their registry).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import yaml
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
@@ -179,12 +181,26 @@ def load(uri: str, where: store.Store | None = None) -> Loaded:
         return Loaded(Sampler(local), str(local))
     if not remote and not (local / "MLmodel").is_file():
         raise UserError(f"{uri}: not a diffusers pipeline folder, an MLflow model folder, nor a models:/ or runs:/ URI")
-    try:
-        pyfunc = mlflow.pyfunc.load_model(uri)
-    except (MlflowException, OSError) as e:
-        raise UserError(f"{uri}: cannot load the model ({str(e).splitlines()[0][:300]})") from None
-    python_model = pyfunc.unwrap_python_model()
-    if not isinstance(python_model, GeneratorModel):
-        raise UserError(f"{uri}: an MLflow model, but not a distar generator ({type(python_model).__name__})")
-    return Loaded(python_model.model, uri, name, version)
+    if remote:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))  # files only: nothing in them runs
+        except (MlflowException, OSError) as e:
+            raise UserError(f"{uri}: cannot load the model ({str(e).splitlines()[0][:300]})") from None
+    return Loaded(Sampler(pipeline_folder(local, uri)), uri, name, version)
 
+
+def pipeline_folder(model: Path, uri: str) -> Path:
+    """The diffusers folder inside a logged generator, found by reading its MLmodel file as data.
+    The model's stored code (pyfunc_code.py) is never run here, so whoever can write the registry
+    cannot run code in evaluation, promotion or serving; the weights load from safetensors."""
+    from distar import safe_yaml
+
+    try:
+        meta = safe_yaml.load((model / "MLmodel").read_text())
+        path = meta["flavors"]["python_function"]["artifacts"]["pipeline"]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise UserError(f"{uri}: an MLflow model, but not a distar generator (its MLmodel names no pipeline: {type(e).__name__})") from None
+    folder = (model / str(path)).resolve()
+    if not folder.is_relative_to(model.resolve()) or not (folder / "distar.json").is_file():
+        raise UserError(f"{uri}: an MLflow model, but not a distar generator (no one-step pipeline folder at {str(path)[:200]!r})")
+    return folder
