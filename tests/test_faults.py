@@ -81,7 +81,7 @@ def test_ray_job_stop_ends_the_run_killed_and_frees_the_pools(ray_cluster, mlflo
         time.sleep(1)
     assert len(replicas(ray_cluster, out)) == 2, ray_cli([*ray, "logs", "--address", ray_cluster.dashboard, job], ray_cluster).stdout[-3000:]
     ray_cli([*ray, "stop", "--address", ray_cluster.dashboard, job], ray_cluster)  # waits for the job to end
-    assert "STOPPED" in ray_cli([*ray, "status", "--address", ray_cluster.dashboard, job], ray_cluster).stdout
+    assert f"Job '{job}' was stopped" in ray_cli([*ray, "status", "--address", ray_cluster.dashboard, job], ray_cluster).stdout
     logs = ray_cli([*ray, "logs", "--address", ray_cluster.dashboard, job], ray_cluster).stdout
     assert "terminated: pools shut down" in logs, logs[-3000:]
     assert replicas(ray_cluster, out) == []

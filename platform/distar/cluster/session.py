@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 from collections.abc import Callable
 
@@ -101,7 +102,10 @@ class RaySession:
 
         if not ray.is_initialized():  # else: inside a Ray task (a Tune trial), on the cluster it runs on
             self.connected = True
+            on_sigterm = signal.getsignal(signal.SIGTERM)
             self.log(f"Ray dashboard: {_connect(self.cfg, self.cpus)}" + (f" (job {job_id()})" if job_id() else ""))
+            if callable(on_sigterm):  # Ray's core installs a SIGTERM handler that aborts the process: the job's comes back
+                signal.signal(signal.SIGTERM, on_sigterm)
         return self
 
     def start_pools(self):
