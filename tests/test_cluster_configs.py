@@ -233,6 +233,12 @@ def package(directory: Path, excludes: list[str], tmp: Path, parent: bool = Fals
         return z.namelist()
 
 
+def test_a_stopped_job_has_time_to_shut_its_pools_down():
+    # `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s unless set): too
+    # little to delete both pools and end the MLflow run on a loaded head.
+    assert int(runtime_env()["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
+
+
 def test_runtime_env_excludes_keep_local_state_out_of_the_upload(tmp_path):
     excludes = runtime_env()["excludes"]
     repo = tmp_path / "repo"
