@@ -2,6 +2,7 @@
 registry that takes a login, served by `serve run` of cluster_configs/serve.yaml on a Ray cluster
 of the test module's own, and the requests they send it."""
 
+import contextlib
 import io
 import signal
 import sys
@@ -51,12 +52,10 @@ class ServeRun:
                 raise RuntimeError(f"serve run exited with {self.proc.returncode}:\n{self.tail()}")
             if any(failed in self.log.read_text() for failed in FAILED):
                 raise RuntimeError(f"the app failed to deploy:\n{self.tail()}")
-            try:
+            with contextlib.suppress(requests.RequestException):  # not listening yet while the app deploys
                 r = requests.get(f"{url}/healthz", timeout=5)
                 if r.status_code == 200:
                     return r.json()
-            except requests.RequestException:
-                pass
             time.sleep(1)
         raise TimeoutError(f"{url}/healthz did not answer within {timeout} s:\n{self.tail()}")
 

@@ -78,9 +78,9 @@ def test_sweeps_and_training_runs_do_not_share_a_folder(tmp_path):
         runner._earlier(tmp_path, cfg, "")
     swept = tmp_path / "swept"
     interrupted_sweep(swept, "", cfg)
-    with pytest.raises(UserError, match="holds a sweep; give this run another run.output_dir"):
-        with resume.claimed(cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(swept)})})):
-            pass
+    training_there = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(swept)})})
+    with pytest.raises(UserError, match="holds a sweep; give this run another run.output_dir"), resume.claimed(training_there):
+        pytest.fail("a training run claimed a sweep's folder")
 
 
 def test_the_sweep_record_is_replaced_whole(tmp_path, monkeypatch):
