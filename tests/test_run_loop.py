@@ -11,6 +11,7 @@ from distar.config import load_config
 from distar.errors import RunFailed, UserError
 from distar.run import in_process
 from distar.run.runtime import Outcome
+from distar.run.timing import STEP_PARTS
 
 SMOKE = "jobs/configs/smoke.yaml"
 
@@ -40,6 +41,9 @@ def test_a_run_started_again_resumes_from_its_last_checkpoint(tmp_path):
     assert second.step == 4 and second.exported() == halves / "generator"
     a, b = history(whole), history(halves)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for m in a:  # each step's time by part, wall and CPU, of listed parts only
+        timed = {k.split("/", 1)[1] for k in m if k.startswith(("time/", "cpu/"))}
+        assert {"generator_forward", "fake_forward", "reward", "reference", "generator_update"} <= timed <= set(STEP_PARTS)
     for m_whole, m_resumed in zip(a, b):
         for key in ("loss/generator", "loss/fake_score", "divergence", "reward/pickscore"):
             assert m_resumed[key] == m_whole[key], key  # the same process, the same arithmetic: bit for bit

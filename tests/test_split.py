@@ -13,7 +13,7 @@ from distar.models.diffusion import Denoiser, OneStepGenerator, load_parts
 from distar.rewards import load_reward
 from distar.roles.reference_worker import ReferenceResult, ReferenceWorker
 from distar.roles.reward_worker import RewardWorker
-from distar.roles.trainer import Ready, TrainerStep, frozen
+from distar.roles.trainer import Later, TrainerStep, frozen
 
 PROMPTS = ["a small red circle on the left", "a large blue square on the right", ""]
 REWARDS = [RewardSpec(name="pickscore", source="-", weight=0.7), RewardSpec(name="clip_score", source="-", weight=0.02)]
@@ -83,7 +83,8 @@ def trainer_for(world, objective, query_reference=None):
     worker = RewardWorker(parts.decode, rewards)
     return TrainerStep(
         generator, fake, parts.conditioner, parts.latent_shape(32), objective, REWARDS, OptimSection(),
-        score_rewards=lambda request: Ready(worker(request)), query_reference=query_reference or reference, updates=(no_update, no_update),
+        score_rewards=lambda request: Later(lambda: worker(request)), query_reference=lambda request: Later(lambda: (query_reference or reference)(request)),
+        updates=(no_update, no_update),
     )
 
 

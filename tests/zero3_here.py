@@ -33,9 +33,11 @@ def deepspeed_here(_gloo_rank, monkeypatch):
         monkeypatch.setenv(name, value)
 
     class DeepSpeedHere(InProcess):
-        def updates(self, generator, fake):
+        def updates(self, generator, fake, timing):
             self.engines = [engines.engine_for(generator, self.cfg, self.cfg.optim.generator),
                             engines.engine_for(fake, self.cfg, self.cfg.optim.fake_score)]
+            for engine in self.engines:
+                engines.time_zero(engine, timing)
             return tuple(engines.EngineUpdate(e) for e in self.engines)
 
         @staticmethod

@@ -64,5 +64,5 @@ class PoolClients:
     def score_rewards(self, request) -> RetryingCall:
         return RetryingCall(self.reward, (request,), "reward", self.attempts, self.timeouts_s[0], self.on_done, request.x0.device)
 
-    def query_reference(self, request):
-        return RetryingCall(self.reference, (request,), "reference", self.attempts, self.timeouts_s[1], self.on_done, request.x_t.device).result()
+    def query_reference(self, request) -> RetryingCall:
+        return RetryingCall(self.reference, (request,), "reference", self.attempts, self.timeouts_s[1], self.on_done, request.x_t.device)

@@ -44,6 +44,20 @@ def engine_for(module: nn.Module, cfg: RunConfig, spec: OptimizerSpec):
     return engine
 
 
+def time_zero(engine, timing) -> None:
+    """Count ZeRO-3's own work as the step part "zero": the parameter coordinator's gathers and
+    releases (around every submodule's forward and backward) and the gradients' reduce-scatter.
+    Other stages gather nothing; their gradient reduction stays in the update's time."""
+    optimizer = engine.optimizer
+    offload = getattr(optimizer, "parameter_offload", None)
+    if offload is None:
+        return
+    coordinator = offload.get_param_coordinator()
+    for owner, name in ((coordinator, "fetch_sub_module"), (coordinator, "release_sub_module"),
+                        (optimizer, "reduce_ready_partitions_and_remove_grads"), (optimizer, "independent_gradient_partition_epilogue")):
+        setattr(owner, name, timing.timed("zero", getattr(owner, name)))  # DeepSpeed calls these through the instance
+
+
 class EngineUpdate:
     """The DeepSpeed counterpart of distar.run.in_process.TorchUpdate: backward (gradients averaged over
     the ranks), clip by global norm, AdamW on this rank's shard. ZeRO-3 skips the step when the

@@ -34,7 +34,7 @@ class TrainerMetrics:
                                            LATENCY_BOUNDS, tag_keys=("run",))
         # Seconds spent in each part, summed over the steps: a counter, not a histogram, because Ray
         # exports a histogram's _sum approximated from its bucket midpoints, and per-part histograms
-        # would then not add up to the step time. Divided by the step count, these do, exactly.
+        # would then not add up. Divided by the step count, these give the mean time between two steps, exactly.
         self.step_part = metrics.Counter("distar_step_part_s", f"Seconds of the steps spent in each part ({', '.join(STEP_PARTS)}).",
                                          tag_keys=("run", "part"))
         self.samples = metrics.Gauge("distar_samples_per_s", "Generated samples per second over all trainer ranks.", tag_keys=("run",))
@@ -50,11 +50,11 @@ class TrainerMetrics:
     def request_done(self, role: str, seconds: float) -> None:
         self.latency.observe(seconds, tags={**self.tags, "role": role})
 
-    def step_done(self, seconds: float, samples: int, values: dict[str, float], parts: dict[str, float], skipped_total: int) -> None:
-        """parts: StepParts.take() of this step."""
+    def step_done(self, seconds: float, samples: int, values: dict[str, float], parts: dict[str, dict[str, float]], skipped_total: int) -> None:
+        """parts: StepParts.take() of this step (its wall seconds by part are counted)."""
         self.step_time.observe(seconds, tags=self.tags)
         for part in STEP_PARTS:
-            spent = parts.get(part, 0.0)
+            spent = parts["wall"].get(part, 0.0)
             if spent > 0:  # Ray's Counter takes positive increments only (with objective.alpha = 0 there is no reference call)
                 self.step_part.inc(spent, tags={**self.tags, "part": part})
         self.samples.set(samples / seconds, tags=self.tags)

@@ -26,6 +26,7 @@ from distar.roles.trainer import Update
 from distar.run.loop import RunLoop
 from distar.run.resume import STATE_FILE, write_state
 from distar.run.runtime import Outcome, Progress
+from distar.run.timing import StepParts
 
 NETWORKS = ("generator", "fake_score")  # each engine's tag in a checkpoint
 
@@ -48,10 +49,12 @@ class RayTrain:
     def pools(self, cfg: RunConfig, parts):
         return self.clients.score_rewards, self.clients.query_reference
 
-    def updates(self, generator: nn.Module, fake: nn.Module) -> tuple[Update, Update]:
+    def updates(self, generator: nn.Module, fake: nn.Module, timing: StepParts) -> tuple[Update, Update]:
         optim = self.cfg.optim
         self.engines = {"generator": engines.engine_for(generator, self.cfg, optim.generator),
                         "fake_score": engines.engine_for(fake, self.cfg, optim.fake_score)}
+        for engine in self.engines.values():
+            engines.time_zero(engine, timing)
         return engines.EngineUpdate(self.engines["generator"]), engines.EngineUpdate(self.engines["fake_score"])
 
     def restore(self) -> Progress | None:
@@ -75,7 +78,7 @@ class RayTrain:
         """Only rank 0's report reaches the driver and Tune; every rank reports (a barrier)."""
         ray.train.report(report)
 
-    def step_done(self, seconds: float, samples: int, values: dict[str, float], parts: dict[str, float], skipped_total: int) -> None:
+    def step_done(self, seconds: float, samples: int, values: dict[str, float], parts: dict[str, dict[str, float]], skipped_total: int) -> None:
         self.metrics.step_done(seconds, samples, values, parts, skipped_total)
 
 

@@ -38,7 +38,7 @@ Update = Callable[[Tensor], float]
 
 
 class Pending(Protocol[T]):
-    """What a role returns for a call still in flight (a Ready here, a retrying Serve call on Ray)."""
+    """What a pool returns for a call still in flight (a Later in one process, a retrying Serve call on Ray)."""
 
     def result(self) -> T: ...
 
@@ -62,14 +62,15 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-class Ready(Generic[T]):
-    """A result that is already there, with a future's `result()`: in-process calls finish at once."""
+class Later(Generic[T]):
+    """An in-process pool's pending result: the work runs when the trainer asks for it, so it is
+    timed where a run on Ray would wait for it."""
 
-    def __init__(self, value: T):
-        self.value = value
+    def __init__(self, call: Callable[[], T]):
+        self.call = call
 
     def result(self) -> T:
-        return self.value
+        return self.call()
 
 
 @dataclass
@@ -114,12 +115,12 @@ class TrainerStep:
         rewards: list[RewardSpec],
         optim: OptimSection,
         score_rewards: Callable[[RewardRequest], Pending[RewardResult]],
-        query_reference: Callable[[ReferenceRequest], ReferenceResult],
+        query_reference: Callable[[ReferenceRequest], Pending[ReferenceResult]],
         updates: tuple[Update, Update],
         shard: Shard = Shard(),
         all_ranks_agree: Callable[[bool], bool] = lambda ok: ok,
     ):
-        """score_rewards returns at once with a pending result, so scoring overlaps the fake forward.
+        """score_rewards and query_reference return at once with a pending result (scoring overlaps the fake forward).
         updates: the generator's and the fake score's (torch AdamW in one process, DeepSpeed
         engines on Ray Train). all_ranks_agree: True only if every trainer rank passes True (the
         skip decision must be the same on all ranks: ZeRO-3 runs every backward as a collective)."""
@@ -173,7 +174,7 @@ class TrainerStep:
             x_t = self.schedule.add_noise(x0, d.eps, d.t)
             a, b = self.schedule.ab(d.t, x0)
             d_fake = self.fake(x_t, d.t, cond)  # frozen by step(): gradient flows through its input only
-            ref = self.query_reference(ReferenceRequest(x_t.detach(), d.t, prompts, x0.detach(), d_fake.detach(), self.spec))
+            ref = self.query_reference(ReferenceRequest(x_t.detach(), d.t, prompts, x0.detach(), d_fake.detach(), self.spec)).result()
             w = self.objective.alpha * timestep_weight(a, b, self.objective.weighting).flatten()
             loss = w * trainer_side(d_fake, ref.d_ref, x0, x_t, ref.g_ref, a, b, self.spec)
             y = score_difference(d_fake.detach(), ref.d_ref, a, b)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from distar import storage
 from distar.config import OptimizerSpec, RunConfig
 from distar.errors import UserError
-from distar.roles.trainer import Ready, Update
+from distar.roles.trainer import Later, Update
 from distar.run import build
 from distar.run.loop import RunLoop
 from distar.run.resume import STATE_FILE, write_state
@@ -104,9 +104,9 @@ class InProcess:
 
     def pools(self, cfg: RunConfig, parts):
         rewards, reference = build.reward_worker(cfg), build.reference_worker(cfg, parts)
-        return (lambda request: Ready(rewards(request))), reference
+        return (lambda request: Later(lambda: rewards(request))), (lambda request: Later(lambda: reference(request)))
 
-    def updates(self, generator: nn.Module, fake: nn.Module) -> tuple[Update, Update]:
+    def updates(self, generator: nn.Module, fake: nn.Module, timing=None) -> tuple[Update, Update]:
         o = self.cfg.optim
         self.networks = {"generator": TorchUpdate(generator, o.generator, o.grad_clip), "fake_score": TorchUpdate(fake, o.fake_score, o.grad_clip)}
         return self.networks["generator"], self.networks["fake_score"]
@@ -144,7 +144,7 @@ class InProcess:
     def report(self, report: dict[str, float]) -> None:
         """Nobody watches an in-process run but its records."""
 
-    def step_done(self, seconds: float, samples: int, values: dict[str, float], parts: dict[str, float], skipped_total: int) -> None:
+    def step_done(self, seconds: float, samples: int, values: dict[str, float], parts: dict[str, dict[str, float]], skipped_total: int) -> None:
         """Its step line and records say it all."""
 
 

@@ -47,11 +47,13 @@ class RunLoop:
         self.score_rewards, query_reference = runtime.pools(cfg, self.parts)
         self.latent_shape = self.parts.latent_shape(cfg.model.resolution)
         self.parts.unet = None  # the trainer needs the reference UNet only to initialise its networks
-        gen_update, fake_update = runtime.updates(generator, fake)
-        self.timing = timing = StepParts()  # the step's time by part: its calls, timed
+        self.timing = timing = StepParts()  # the step's time by part: its calls, updates and forwards, timed
+        gen_update, fake_update = runtime.updates(generator, fake, timing)
+        for part, module in (("generator_forward", generator.unet), ("fake_forward", fake.unet), ("text_encoder", self.parts.conditioner)):
+            timing.hook(part, module)
         self.trainer = TrainerStep(
             generator, fake, self.parts.conditioner, self.latent_shape, cfg.objective, cfg.rewards, cfg.optim,
-            score_rewards=timing.waited("reward", self.score_rewards), query_reference=timing.timed("reference", query_reference),
+            score_rewards=timing.waited("reward", self.score_rewards), query_reference=timing.waited("reference", query_reference),
             updates=(timing.timed("generator_update", gen_update), timing.timed("fake_score_update", fake_update)),
             shard=Shard(runtime.rank, runtime.world), all_ranks_agree=runtime.all_ranks_agree,
         )
@@ -106,31 +108,33 @@ class RunLoop:
         """Train until run.steps; returns why the run stopped early, or None."""
         cfg, runtime, steps = self.cfg, self.runtime, self.cfg.run.steps
         line, samples = StepLine(progress.step, steps), cfg.data.batch_size * runtime.world
+        self.timing.take()  # parts count from the first step on, not from set-up
         while progress.step < steps:
             start = time.perf_counter()
             values = self.trainer.step(self.sampler.batch(progress.step), rng)
             seconds = time.perf_counter() - start
-            parts = self.timing.take(seconds)
-            skipped = bool(values["skipped"])
-            progress.step, progress.applied = progress.step + 1, progress.applied + (not skipped)
-            progress.skipped_in_a_row = progress.skipped_in_a_row + 1 if skipped else 0
-            if self.writer:  # one series per run: the values are the same on every rank, or rank 0's shard
-                runtime.step_done(seconds, samples, values, parts, progress.step - progress.applied)
-                if progress.step % cfg.run.log_every == 0 or progress.step == steps:
-                    self.log(line(progress.step, values))
-            # Steps replayed from a checkpoint were recorded by the attempt that died (the same values:
-            # the run is deterministic); each step is recorded once.
-            fresh = progress.step > self.recorded
-            if fresh:
-                record.step(progress.step, values, seconds, samples)
-            if validation.due(progress.step):
-                progress.validation, progress.validations = validation(self.generator), progress.validations + 1
+            with self.timing.part("loop"):
+                parts = self.timing.take()  # this step's parts and the previous step's loop work: the time between two steps
+                skipped = bool(values["skipped"])
+                progress.step, progress.applied = progress.step + 1, progress.applied + (not skipped)
+                progress.skipped_in_a_row = progress.skipped_in_a_row + 1 if skipped else 0
+                if self.writer:  # one series per run: the values are the same on every rank, or rank 0's shard
+                    runtime.step_done(seconds, samples, values, parts, progress.step - progress.applied)
+                    if progress.step % cfg.run.log_every == 0 or progress.step == steps:
+                        self.log(line(progress.step, values))
+                # Steps replayed from a checkpoint were recorded by the attempt that died (the same values:
+                # the run is deterministic); each step is recorded once.
+                fresh = progress.step > self.recorded
                 if fresh:
-                    record.validated(progress.step, progress.validation)
-                if self.writer:
-                    self.log(validation_line(progress.step, progress.validation))
-            stopped = self.stop_rule(progress)
-            self.keep(progress, rng, {**values, "step": progress.step, "applied": progress.applied}, validation, stopping=stopped is not None)
+                    record.step(progress.step, values, seconds, samples)
+                if validation.due(progress.step):
+                    progress.validation, progress.validations = validation(self.generator), progress.validations + 1
+                    if fresh:
+                        record.validated(progress.step, progress.validation)
+                    if self.writer:
+                        self.log(validation_line(progress.step, progress.validation))
+                stopped = self.stop_rule(progress)
+                self.keep(progress, rng, {**values, "step": progress.step, "applied": progress.applied}, parts, validation, stopping=stopped is not None)
             if stopped is not None:
                 return stopped
         return None
@@ -158,15 +162,16 @@ class RunLoop:
         return (f"{limit} updates in a row had a non-finite loss, reward or gradient (run.max_consecutive_skips); no checkpoint "
                 f"was written at the stop, so the last one under {location}/checkpoints holds the state before it")
 
-    def keep(self, progress: Progress, rng: torch.Generator, values: dict, validation: Validation, stopping: bool) -> None:
-        """The step's values to the metrics file; a checkpoint at its cadence and at the end, else a
+    def keep(self, progress: Progress, rng: torch.Generator, values: dict, parts: dict, validation: Validation, stopping: bool) -> None:
+        """The step's values and its time by part (`time/*` wall, `cpu/*` CPU seconds) to the metrics file; a checkpoint at its cadence and at the end, else a
         report where one is due (or at a stop, which checkpoints nothing: restarting from a
         diverged state would only stop again, evicting the good checkpoints one by one). Every
         rank reports at the same steps (a barrier)."""
         run, step = self.cfg.run, progress.step
         if self.writer and step > self.recorded:
+            timed = {f"{kind}/{part}": s for kind, key in (("time", "wall"), ("cpu", "cpu")) for part, s in parts[key].items()}
             with (self.out / METRICS_FILE).open("a") as f:
-                f.write(json.dumps(values) + "\n")
+                f.write(json.dumps({**values, **timed}) + "\n")
         report = {**values, **progress.validation, "validations": progress.validations}
         if not stopping and (step % run.checkpoint_every == 0 or step == run.steps):
             progress.rng = rng.get_state().tolist()

@@ -21,9 +21,10 @@ from distar.errors import RunFailed
 from distar.roles.reference_worker import ReferenceRequest, ReferenceResult
 from distar.roles.reward_worker import RewardRequest, RewardResult
 from distar.roles.trainer import Pending, Update
+from distar.run.timing import StepParts
 
 ScoreRewards = Callable[[RewardRequest], Pending[RewardResult]]
-QueryReference = Callable[[ReferenceRequest], ReferenceResult]
+QueryReference = Callable[[ReferenceRequest], Pending[ReferenceResult]]
 
 
 @dataclass
@@ -61,8 +62,9 @@ class Runtime(Protocol):
     def pools(self, cfg, parts) -> tuple[ScoreRewards, QueryReference]:
         """The two pools, called directly (one process) or through Serve."""
 
-    def updates(self, generator: nn.Module, fake: nn.Module) -> tuple[Update, Update]:
-        """The networks' optimiser steps; the runtime keeps their states for checkpoints."""
+    def updates(self, generator: nn.Module, fake: nn.Module, timing: StepParts) -> tuple[Update, Update]:
+        """The networks' optimiser steps; the runtime keeps their states for checkpoints (and times its
+        own work inside them, DeepSpeed's gathers, on `timing`)."""
 
     def all_ranks_agree(self, ok: bool) -> bool:
         """True on every rank if `ok` is True on every rank."""
@@ -79,5 +81,5 @@ class Runtime(Protocol):
     def report(self, report: dict[str, float]) -> None:
         """Tell whoever watches the run (Tune's scheduler) the latest values."""
 
-    def step_done(self, seconds: float, samples: int, values: dict[str, float], parts: dict[str, float], skipped_total: int) -> None:
-        """Telemetry of one step on rank 0: its time by part (run.timing.StepParts), throughput and values."""
+    def step_done(self, seconds: float, samples: int, values: dict[str, float], parts: dict[str, dict[str, float]], skipped_total: int) -> None:
+        """Telemetry of one step on rank 0: its time by part (run.timing.StepParts.take()), throughput and values."""

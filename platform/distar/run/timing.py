@@ -1,52 +1,101 @@
-"""Where a step's wall time goes: the loop hands the trainer step timed pool calls and optimiser
-updates, so the trainer step itself stays free of timing code.
+"""Where a step's time goes: wall and CPU seconds of the trainer's process, by part.
 
-Parts are timed where the trainer waits for them, so a reward call that overlaps the fake
-score's forward costs only what is left of it. "forward" is the rest of the step: the trainer's
-own forward passes (generator, fake score, text encoder), the noise draws and the ranks' skip
-agreement.
+The loop hands the trainer step timed pool calls and updates and puts timing hooks on the
+networks, so the trainer step itself stays free of timing code. Parts nest (DeepSpeed's gathers
+run inside a forward, a forward inside an update's recomputation): each second counts in the
+innermost part running, so the parts of a step add up to the time between two steps. CPU
+seconds are the whole process's (torch's intra-op threads and Ray's own threads included): on a
+2-core machine a part can take up to twice its wall time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-STEP_PARTS = ("reward", "reference", "fake_score_update", "generator_update", "forward")
+from torch import nn
+
+STEP_PARTS = (
+    "text_encoder",  # the prompts' conditioning
+    "generator_forward",  # every generator forward of the step (the fake score's samples and the generator update's)
+    "fake_forward",  # the fake score's forwards
+    "send",  # handing a request to a pool (on Ray: to the object store)
+    "reward",  # waiting for the reward pool (a reward call overlaps the fake forward: only what is left of it)
+    "reference",  # waiting for the reference pool
+    "fake_score_update",  # backward and optimiser step of the fake score
+    "generator_update",  # backward and optimiser step of the generator
+    "zero",  # DeepSpeed ZeRO-3's parameter gathers and releases and its gradient reduce-scatter, wherever they run
+    "loop",  # the run loop's own work between steps: records, validation, reports, checkpoints
+    "other",  # the rest: noise draws, the objective's arithmetic, the ranks' skip agreement
+)
 
 
-class _Waited:
-    """A pending result whose result() is timed (the part of a call the trainer waits for)."""
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+class _Pending:
+    """A pending pool result whose result() is timed as the wait for that pool."""
 
     def __init__(self, result: Callable[[], Any]):
         self.result = result
 
 
 class StepParts:
-    """Seconds of the current step spent in each part, added up by the callables it wraps."""
+    """Seconds of the current step in each part, wall and CPU, charged by the callables, hooks and
+    contexts it hands out; take() returns them and starts the next step from zero."""
 
     def __init__(self):
-        self.seconds: dict[str, float] = defaultdict(float)
+        self.wall: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.running: list[str] = []  # the parts entered and not yet left, innermost last
+        self.mark = _now()
+
+    def _charge(self) -> None:
+        """The time since the last mark goes to the innermost running part."""
+        now, part = _now(), self.running[-1] if self.running else "other"
+        self.wall[part] += now[0] - self.mark[0]
+        self.cpu[part] += now[1] - self.mark[1]
+        self.mark = now
+
+    def enter(self, part: str) -> None:
+        self._charge()
+        self.running.append(part)
+
+    def leave(self) -> None:
+        self._charge()
+        self.running.pop()
+
+    @contextlib.contextmanager
+    def part(self, part: str) -> Iterator[None]:
+        self.enter(part)
+        try:
+            yield
+        finally:
+            self.leave()
 
     def timed(self, part: str, call: Callable) -> Callable:
         def run(*args, **kwargs):
-            start = time.perf_counter()
-            try:
+            with self.part(part):
                 return call(*args, **kwargs)
-            finally:
-                self.seconds[part] += time.perf_counter() - start
 
         return run
 
     def waited(self, part: str, call: Callable) -> Callable:
-        """For a call that returns a pending result at once: time the wait in its result()."""
-        return lambda *args, **kwargs: _Waited(self.timed(part, call(*args, **kwargs).result))
+        """For a call that returns a pending result: the call is the send, its result() the wait."""
+        return lambda *args, **kwargs: _Pending(self.timed(part, self.timed("send", call)(*args, **kwargs).result))
 
-    def take(self, step_seconds: float) -> dict[str, float]:
-        """The step's seconds per part, "forward" being what the timed parts leave of `step_seconds`,
-        and start the next step from zero."""
-        seconds, self.seconds = dict(self.seconds), defaultdict(float)
-        seconds["forward"] = max(step_seconds - sum(seconds.values()), 0.0)
-        return seconds
+    def hook(self, part: str, module: nn.Module) -> None:
+        """Every forward of `module` counts as `part`."""
+        module.register_forward_pre_hook(lambda *_: self.enter(part))
+        module.register_forward_hook(lambda *_: self.leave(), always_call=True)
+
+    def take(self) -> dict[str, dict[str, float]]:
+        """{"wall": {part: s}, "cpu": {part: s}} since the last take; the next step starts from zero."""
+        self._charge()
+        taken = {"wall": dict(self.wall), "cpu": dict(self.cpu)}
+        self.wall, self.cpu = defaultdict(float), defaultdict(float)
+        return taken
