@@ -4,7 +4,7 @@
 
 Runs the embedded default run (the shapes world) for N steps twice, one after the other, as a
 user would: `jobs/train.py --in-process` and `jobs/train.py` on a local Ray instance it starts
-(Serve pools, W Ray Train workers with DeepSpeed ZeRO-3). Prints each one's training rate (from
+(Serve pools, W Ray Train workers sharing the same global batch). Prints each one's training rate (from
 its last step line), wall time including start-up, and the ratios Ray / in-process.
 """
 
@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+
+from distar.config import RunConfig  # noqa: E402
 
 
 def timed_run(args: list[str]) -> tuple[float, float]:
@@ -42,8 +45,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--set", f"run.steps={a.steps}", "--set", f"run.log_every={a.steps}"]
         base_rate, base_wall = timed_run([*common, "--set", f"run.output_dir={tmp}/in_process", "--in-process"])
-        ray_rate, ray_wall = timed_run([*common, "--set", f"run.output_dir={tmp}/ray", "--set", f"cluster.trainer_workers={a.workers}"])
-    print(f"default run, {a.steps} steps of batch 8 per worker, {os.cpu_count()} CPUs")
+        per_worker = RunConfig().data.batch_size // a.workers  # the same global batch, split over the workers
+        ray_rate, ray_wall = timed_run([*common, "--set", f"run.output_dir={tmp}/ray", "--set", f"cluster.trainer_workers={a.workers}",
+                                        "--set", f"data.batch_size={per_worker}"])
+    print(f"default run, {a.steps} steps of a global batch of {RunConfig().data.batch_size}, {os.cpu_count()} CPUs")
     print(f"{'':<28}{'steps/s':>10}{'wall s':>10}")
     print(f"{'in-process':<28}{base_rate:>10.2f}{base_wall:>10.1f}")
     print(f"{f'Ray, {a.workers} trainer worker(s)':<28}{ray_rate:>10.2f}{ray_wall:>10.1f}")

@@ -3,7 +3,7 @@
     python bench/step_profile.py [--steps N] [--workers W] [--set key=value ...]
 
 Runs the default run for N steps in-process and then on a local Ray instance the job starts
-(W trainer workers), as `jobs/train.py` runs them. While each runs, it samples the CPU time of
+(W trainer workers, each with 1/W of the same global batch), as `jobs/train.py` runs them. While each runs, it samples the CPU time of
 every process of the job (the driver, Ray's daemons, the trainer workers, the pool replicas)
 and prints, per step over the steady steps (the first fifth of the steps and the last are left
 out: warm-up and export), the wall and CPU seconds of each process role, and inside the trainer
@@ -28,6 +28,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
+from distar.config import RunConfig  # noqa: E402
 from distar.run.timing import STEP_PARTS  # noqa: E402
 
 # A process's role from its title (Ray names its workers `ray::<actor class>...`); the rest is Ray's own.
@@ -35,13 +36,21 @@ ROLES = (("trainer", "RayTrainWorker"), ("reward pool", "RewardPool"), ("referen
 
 
 def role_of(proc: psutil.Process, driver: int) -> str:
+    """The process's role; Ray's own processes by name (its actors' titles are `ray::<class>...`)."""
     if proc.pid == driver:
         return "job (driver)"
     try:
-        title = " ".join(proc.cmdline())
+        cmdline = proc.cmdline()
     except psutil.Error:
-        return "ray (daemons, controllers)"
-    return next((role for role, marker in ROLES if marker in title), "ray (daemons, controllers)")
+        return "ray: (gone)"
+    title = " ".join(cmdline)
+    role = next((role for role, marker in ROLES if marker in title), None)
+    if role is not None:
+        return role
+    if title.startswith("ray::"):
+        return "ray: " + title.removeprefix("ray::").split(".")[0].split()[0].split(":")[0]
+    script = next((Path(a).name for a in cmdline[1:] if a.endswith(".py")), None)  # python daemons: dashboard.py, agent.py, ...
+    return "ray: " + (script or (Path(cmdline[0]).name if cmdline else proc.name()))
 
 
 def cpu_by_process(driver: psutil.Process) -> dict[int, tuple[str, float]]:
@@ -95,7 +104,11 @@ def table(results: dict[str, dict]) -> None:
     print(f"{'seconds per step':<30}" + "".join(f"{n:>24}" for n in names))
     print(f"{'':<30}" + "".join(f"{'wall':>12}{'CPU':>12}" for _ in names))
     print(f"{'whole step':<30}" + "".join(f"{r['wall']:>12.3f}{sum(r['cpu'].values()):>12.3f}" for r in results.values()))
-    print("CPU by process role")
+    print("CPU by process role (Ray's own processes under 0.01 s a step together)")
+    for r in results.values():
+        small = [role for role, s in r["cpu"].items() if role.startswith("ray: ") and s < 0.01]
+        if small:
+            r["cpu"][f"ray: {len(small)} other processes"] = sum(r["cpu"].pop(role) for role in small)
     roles = sorted({role for r in results.values() for role in r["cpu"]})
     for role in roles:
         print(f"  {role:<28}" + "".join(f"{'':>12}{r['cpu'].get(role, 0.0):>12.3f}" for r in results.values()))
@@ -119,7 +132,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         common += ["--set", f"tracking.mlflow_uri=sqlite:///{tmp}/mlflow.db"]
         results["in-process"] = profile([*common, "--in-process"], Path(tmp, "in_process"), first, last)
-        results[f"Ray, {a.workers} worker(s)"] = profile([*common, "--set", f"cluster.trainer_workers={a.workers}"], Path(tmp, "ray"), first, last)
+        # The same global batch on W workers (each trains on its rows); a --set of data.batch_size overrides it.
+        split = ["--set", f"cluster.trainer_workers={a.workers}", "--set", f"data.batch_size={RunConfig().data.batch_size // a.workers}"]
+        results[f"Ray, {a.workers} worker(s)"] = profile([*split, *common], Path(tmp, "ray"), first, last)
     base, ray = results.values()
     print(f"default run{' with ' + ' '.join(a.set) if a.set else ''}: steps {base['steps'][0] + 1}-{base['steps'][1]} of {a.steps}, "
           f"{os.cpu_count()} CPUs")

@@ -51,3 +51,24 @@ def test_reward_results_split_into_each_requests_rows():
     for i, (request, result) in enumerate(zip(requests, results)):
         assert result.rewards["pickscore"].tolist() == [float(i)] * len(request)
         assert torch.equal(result.grads["pickscore"], request.x0 * 2)
+
+
+def test_a_replica_waits_for_a_batch_only_when_several_clients_call_it():
+    """One trainer worker sends one request at a time: holding it for others to join would add the
+    window to every step. Two workers, or trials sharing the pools, can fill a batch."""
+    from distar.cluster.pools import BATCH_WAIT_S, batch_wait_s
+
+    assert batch_wait_s(1) == 0.0
+    assert batch_wait_s(2) == batch_wait_s(8) == BATCH_WAIT_S > 0
+
+
+def test_a_pool_sets_its_replicas_threads_only_when_told():
+    """The default run's reference pool runs with 2 threads while the trainer waits for it; a pool
+    without `threads` leaves Ray's rule (threads = num_cpus rounded down)."""
+    from distar.cluster.pools import replica_env
+    from distar.config import ClusterSection, PoolSpec
+
+    defaults = ClusterSection()
+    assert replica_env(defaults.reference_pool, {"A": "1"}) == {"A": "1", "OMP_NUM_THREADS": "2"}
+    assert replica_env(defaults.reward_pool, {"A": "1"}) == {"A": "1"}
+    assert replica_env(PoolSpec(threads=3), {}) == {"OMP_NUM_THREADS": "3"}

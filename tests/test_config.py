@@ -63,6 +63,7 @@ BAD = [
     ("beta-one", None, ["optim.generator.betas=[0.9, 1.0]"], "optim.generator.betas.1"),
     ("beta-negative", "optim:\n  fake_score:\n    betas: [-0.1, 0.99]\n", [], "optim.fake_score.betas.0"),
     ("zero-stage-4", None, ["cluster.zero_stage=4"], "cluster.zero_stage"),
+    ("zero-stage-0", None, ["cluster.zero_stage=0"], "cluster.zero_stage"),  # DeepSpeed without ZeRO neither reports the norm nor skips a non-finite step
     # schedule consistency
     ("t-star-past-schedule", None, ["model.t_star=1000"], "model.t_star"),
     ("t-star-zero", None, ["model.t_star=0"], "model.t_star"),

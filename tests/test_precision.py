@@ -72,7 +72,7 @@ def test_float16_is_refused_with_the_reason():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_deepspeed_engines_train_bf16_over_float32_masters(deepspeed_here, tmp_path, family):
-    run = run_loop(tmp_path, family, "bfloat16", runtime=deepspeed_here)
+    run = run_loop(tmp_path, family, "bfloat16", "cluster.zero_stage=3", runtime=deepspeed_here)
     two_finite_steps(run)
     for network in (run.generator, run.trainer.fake):
         shards = [p.ds_tensor for p in network.parameters()]

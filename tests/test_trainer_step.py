@@ -120,7 +120,7 @@ def test_the_generator_update_leaves_the_fake_score_alone(run):
 
 @pytest.mark.slow
 def test_under_deepspeed_zero3_the_generator_update_leaves_the_fake_score_alone(deepspeed_here, tmp_path):
-    cfg = load_config(SMOKE, ["data.batch_size=4", f"run.output_dir={tmp_path}"])
+    cfg = load_config(SMOKE, ["data.batch_size=4", "cluster.zero_stage=3", f"run.output_dir={tmp_path}"])
     run = RunLoop(cfg, deepspeed_here(cfg), log=lambda line: None)
     run.timing.take()
     assert two_steps(run) == []
@@ -129,12 +129,13 @@ def test_under_deepspeed_zero3_the_generator_update_leaves_the_fake_score_alone(
 
 
 @pytest.mark.slow
-def test_a_deepspeed_step_equals_the_adamw_step(deepspeed_here, tmp_path):
-    """One update through ZeRO-3 engines moves the generator as torch's AdamW does (what the Ray
+@pytest.mark.parametrize("stage", [1, 3])  # one worker's default, and several workers'
+def test_a_deepspeed_step_equals_the_adamw_step(deepspeed_here, tmp_path, stage):
+    """One update through ZeRO engines moves the generator as torch's AdamW does (what the Ray
     tests check across processes, here without Ray)."""
     from distar.cluster.engines import gathered
 
-    cfg = load_config(SMOKE, ["data.batch_size=4", "optim.generator.eps=1e-5", f"run.output_dir={tmp_path}"])
+    cfg = load_config(SMOKE, ["data.batch_size=4", "optim.generator.eps=1e-5", f"cluster.zero_stage={stage}", f"run.output_dir={tmp_path}"])
     expected = in_process.run_loop(cfg, log=lambda line: None)
     expected.trainer.step(expected.sampler.batch(0), torch.Generator().manual_seed(0))
     run = RunLoop(cfg, deepspeed_here(cfg), log=lambda line: None)
@@ -146,10 +147,11 @@ def test_a_deepspeed_step_equals_the_adamw_step(deepspeed_here, tmp_path):
 
 
 @pytest.mark.slow
-def test_under_deepspeed_zero3_a_non_finite_gradient_skips_the_update(deepspeed_here, tmp_path):
+@pytest.mark.parametrize("stage", [1, 3])
+def test_under_deepspeed_a_non_finite_gradient_skips_the_update(deepspeed_here, tmp_path, stage):
     from distar.cluster.engines import gathered
 
-    cfg = load_config(SMOKE, ["data.batch_size=4", f"run.output_dir={tmp_path}"])
+    cfg = load_config(SMOKE, ["data.batch_size=4", f"cluster.zero_stage={stage}", f"run.output_dir={tmp_path}"])
     run = RunLoop(cfg, deepspeed_here(cfg), log=lambda line: None)
     with gathered(run.generator):
         before = params(run.generator)
@@ -159,3 +161,36 @@ def test_under_deepspeed_zero3_a_non_finite_gradient_skips_the_update(deepspeed_
     assert values["skipped"] == 1.0 and math.isfinite(values["loss/generator"]) and not math.isfinite(values["grad_norm/generator"])
     with gathered(run.generator):
         assert torch.equal(params(run.generator), before)
+
+
+def test_the_reward_request_goes_out_before_the_fake_score_trains(run):
+    """The generator's sample does not depend on the fake score: its request is sent first, so a
+    reward pool scores it while the trainer runs the K fake-score updates; it is awaited only then."""
+    trainer, order = run.trainer, []
+    score, fake_update = trainer.score_rewards, trainer.fake_update
+
+    def score_rewards(request):
+        order.append("sent")
+        pending = score(request)
+        return Later(lambda: order.append("awaited") or pending.result())
+
+    trainer.score_rewards = score_rewards
+    trainer.fake_update = lambda loss: order.append("fake update") or fake_update(loss)
+    trainer.step(run.sampler.batch(0), torch.Generator().manual_seed(0))
+    assert order == ["sent", *["fake update"] * run.cfg.optim.fake_updates_per_step, "awaited"]
+
+
+def test_the_zero_stage_fits_the_worker_count_unless_set():
+    """One worker has nothing to shard: ZeRO-1 by default, and under an explicit ZeRO-3 its
+    parameters stay whole (a gather would only copy). Across workers ZeRO-3 shards parameters of
+    1e5 elements and more; gradients and Adam states stay sharded whatever the threshold."""
+    from distar.cluster.engines import ds_config
+
+    def zero(*sets):
+        cfg = load_config(SMOKE, list(sets))
+        return ds_config(cfg, cfg.optim.generator)["zero_optimization"]
+
+    assert zero()["stage"] == 1 and zero("cluster.trainer_workers=2")["stage"] == 3
+    assert zero("cluster.zero_stage=2", "cluster.trainer_workers=2")["stage"] == 2
+    assert zero("cluster.zero_stage=3")["stage3_param_persistence_threshold"] >= 10**12
+    assert zero("cluster.trainer_workers=2")["stage3_param_persistence_threshold"] == 100_000

@@ -120,6 +120,7 @@ class PoolSpec(Section):
     replicas: int = Field(1, ge=1, description="Replicas in the pool.")
     num_cpus: Positive = Field(0.5, description="CPUs per replica (fractions allowed).")
     num_gpus: NonNegative = Field(0.0, description="GPUs per replica (fractions allowed).")
+    threads: int | None = Field(None, ge=1, description="Torch threads per replica; default: its num_cpus rounded down, at least 1 (Ray's rule).")
     max_batch_size: int = Field(32, ge=1, description="Most images a replica assembles from concurrent requests into one batch.")
     request_timeout_s: Positive = Field(300.0, description="Seconds a trainer waits on one request before sending it again (5 tries, then the run fails).")
 
@@ -129,9 +130,18 @@ class ClusterSection(Section):
     trainer_cpus: Positive = Field(1.0, description="CPUs per trainer worker.")
     trainer_gpus: NonNegative = Field(0.0, description="GPUs per trainer worker.")
     reward_pool: PoolSpec = Field(default_factory=PoolSpec, description="Reward scoring workers.")
-    reference_pool: PoolSpec = Field(default_factory=PoolSpec, description="Reference inference pool.")
-    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage for the trainer engines.")
+    reference_pool: PoolSpec = Field(
+        default_factory=lambda: PoolSpec(threads=2),
+        description="Reference inference pool; 2 threads by default: the trainer waits while it runs, so their cores are free.")
+    zero_stage: Literal[1, 2, 3] | None = Field(
+        None, description="DeepSpeed ZeRO stage of the trainer engines: 3 shards parameters, gradients and Adam states over the trainer workers, "
+        "2 gradients and Adam states, 1 Adam states. Default: 3 with several workers, 1 with one (nothing to shard: ZeRO-3's per-layer hooks "
+        "and ZeRO-2's per-gradient ones would only cost time).")
     max_failures: int = Field(3, ge=0, description="Trainer worker-group restarts (from the last checkpoint) before the run fails.")
+
+    def zero(self) -> int:
+        """The ZeRO stage the trainer engines run."""
+        return self.zero_stage if self.zero_stage is not None else (3 if self.trainer_workers > 1 else 1)
 
 
 class TrackingSection(Section):

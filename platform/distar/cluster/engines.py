@@ -1,8 +1,9 @@
 """DeepSpeed engines for the generator and the fake score, one per network on every trainer rank.
 
-ZeRO-3 shards each network's parameters, gradients and Adam states across the trainer ranks;
-forward hooks gather a layer's parameters when it runs, so the roles' code calls the networks
-as plain modules. Every forward and backward is a collective: all ranks make the same calls.
+ZeRO-3 (the default across several ranks) shards each network's parameters, gradients and Adam
+states across the trainer ranks; forward hooks gather a layer's parameters when it runs, so the
+roles' code calls the networks as plain modules. Every forward and backward is a collective: all
+ranks make the same calls. One rank has nothing to shard and runs ZeRO-1 (config.ClusterSection.zero).
 DeepSpeed's accelerator (cuda or cpu) is the worker's DS_ACCELERATOR (distar.cluster.session.worker_env).
 """
 
@@ -23,9 +24,12 @@ def ds_config(cfg: RunConfig, spec: OptimizerSpec) -> dict:
         # under autocast in model.dtype (distar.models.precision), so DeepSpeed's bf16 mode stays off.
         "bf16": {"enabled": False},
         "zero_optimization": {
-            "stage": cfg.cluster.zero_stage,
+            "stage": cfg.cluster.zero(),
             "overlap_comm": torch.cuda.is_available(),  # no streams to overlap on CPU
-            "stage3_param_persistence_threshold": 0,  # shard every parameter, however small
+            # One rank holds every parameter whole anyway: gathering them would only copy. Across ranks,
+            # parameters under 1e5 elements stay whole on every rank (DeepSpeed's default), where a
+            # gather costs more than the memory it saves; gradients and Adam states are sharded all the same.
+            "stage3_param_persistence_threshold": 10**15 if cfg.cluster.trainer_workers == 1 else 100_000,
             "stage3_prefetch_bucket_size": 0,  # no trace-based prefetch: the call order varies with K and alpha
         },
         # torch's own AdamW: DeepSpeed's fused and CPU Adam ops need a compiler at first use.
@@ -60,7 +64,7 @@ def time_zero(engine, timing) -> None:
 
 class EngineUpdate:
     """The DeepSpeed counterpart of distar.run.in_process.TorchUpdate: backward (gradients averaged over
-    the ranks), clip by global norm, AdamW on this rank's shard. ZeRO-3 skips the step when the
+    the ranks), clip by global norm, AdamW on this rank's shard. ZeRO (stages 1-3) skips the step when the
     global norm is not finite, on every rank, and reports that norm."""
 
     def __init__(self, engine):

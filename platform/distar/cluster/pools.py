@@ -11,6 +11,7 @@ object store.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -18,12 +19,26 @@ from ray import serve
 
 from distar.cluster.metrics import RoleMetrics
 from distar.cluster.transfer import local_device, moved
-from distar.config import RunConfig
+from distar.config import PoolSpec, RunConfig
 from distar.roles.batching import run_merged
 from distar.roles.reference_worker import ReferenceRequest, ReferenceResult
 from distar.roles.reward_worker import RewardRequest, RewardResult
 from distar.run import build
 from distar.tracking.store import safe_tree
+
+BATCH_WAIT_S = 0.01  # how long a replica holds a request for others to join its batch, when others can come
+
+
+def batch_wait_s(clients: int) -> float:
+    """With one client (one trainer worker, no concurrent trials) no other request can join a
+    batch: waiting would only add to every step."""
+    return BATCH_WAIT_S if clients > 1 else 0.0
+
+
+def replica_env(pool: PoolSpec, env: dict[str, str]) -> dict[str, str]:
+    """A replica's environment: `env`, and its torch threads where the pool sets them (Ray sets
+    OMP_NUM_THREADS from num_cpus only when it is not set)."""
+    return {**env, "OMP_NUM_THREADS": str(pool.threads)} if pool.threads else dict(env)
 
 
 def _images(requests: list) -> int:
@@ -44,26 +59,28 @@ class _Pool:
 
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=5, max_constructor_retry_count=3)
 class RewardPool(_Pool):
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, clients: int):
         run, self.device = RunConfig.model_validate(cfg), local_device()
         self.worker = build.reward_worker(run, self.device)
         self.score.set_max_batch_size(run.cluster.reward_pool.max_batch_size)
+        self.score.set_batch_wait_timeout_s(batch_wait_s(clients))
         self.metrics = RoleMetrics("reward")
 
-    @serve.batch(batch_size_fn=_images, batch_wait_timeout_s=0.01)
+    @serve.batch(batch_size_fn=_images, batch_wait_timeout_s=BATCH_WAIT_S)
     async def score(self, requests: list[RewardRequest]) -> list[RewardResult]:
         return self._run(requests)
 
 
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=5, max_constructor_retry_count=3)
 class ReferencePool(_Pool):
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, clients: int):
         run, self.device = RunConfig.model_validate(cfg), local_device()
         self.worker = build.reference_worker(run, build.reference_parts(run, self.device))
         self.query.set_max_batch_size(run.cluster.reference_pool.max_batch_size)
+        self.query.set_batch_wait_timeout_s(batch_wait_s(clients))
         self.metrics = RoleMetrics("reference")
 
-    @serve.batch(batch_size_fn=_images, batch_wait_timeout_s=0.01)
+    @serve.batch(batch_size_fn=_images, batch_wait_timeout_s=BATCH_WAIT_S)
     async def query(self, requests: list[ReferenceRequest]) -> list[ReferenceResult]:
         return self._run(requests, group=lambda r: r.spec)  # Tune trials sharing the pool may differ in objective
 
@@ -83,19 +100,24 @@ class Pools:
     reference: serve.handle.DeploymentHandle
 
     @classmethod
-    def start(cls, cfg: RunConfig, env: dict[str, str]) -> Pools:
-        """Deploy both pools (replicas get `env`) and wait until every replica has loaded its models."""
+    def start(cls, cfg: RunConfig, env: dict[str, str], clients: int) -> Pools:
+        """Deploy both pools (replicas get `env`) for `clients` trainer workers calling them at once,
+        and wait until every replica has loaded its models."""
         start_serve()
         tag = f"distar-{cfg.run.name}-{uuid.uuid4().hex[:6]}"
         payload = safe_tree(cfg.model_dump(mode="json"))  # Serve shows deployments' arguments: no credentials in them
-        names, handles = (f"{tag}-rewards", f"{tag}-reference"), []
+        names, targets = (f"{tag}-rewards", f"{tag}-reference"), []
         for name, deployment, pool in zip(names, (RewardPool, ReferencePool), (cfg.cluster.reward_pool, cfg.cluster.reference_pool)):
-            options = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "runtime_env": {"env_vars": env}}
+            options = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "runtime_env": {"env_vars": replica_env(pool, env)}}
             # no per-request access lines: a run makes several requests a step
-            app = deployment.options(num_replicas=pool.replicas, ray_actor_options=options, logging_config={"enable_access_log": False}).bind(payload)
-            handles.append(serve.run(app, name=name, route_prefix=None))
-        return cls(names, *handles)
+            app = deployment.options(num_replicas=pool.replicas, ray_actor_options=options, logging_config={"enable_access_log": False}).bind(payload, clients)
+            targets.append(serve.RunTarget(app, name=name, route_prefix=None))
+        return cls(names, *serve.run_many(targets))  # both pools load at once
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Delete both apps at once and wait (bounded) until Serve has removed them."""
         for app in self.apps:
-            serve.delete(app)
+            serve.delete(app, _blocking=False)
+        deadline = time.monotonic() + timeout_s
+        while any(app in serve.status().applications for app in self.apps) and time.monotonic() < deadline:
+            time.sleep(0.2)

@@ -108,11 +108,12 @@ class RaySession:
                 signal.signal(signal.SIGTERM, on_sigterm)
         return self
 
-    def start_pools(self):
-        """Deploy the reward and reference pools of the session's config and wait until they are ready."""
+    def start_pools(self, trials: int = 1):
+        """Deploy the reward and reference pools of the session's config for `trials` concurrent runs
+        and wait until they are ready."""
         from distar.cluster.pools import Pools
 
-        self.pools = Pools.start(self.cfg, worker_env(self.cfg))
+        self.pools = Pools.start(self.cfg, worker_env(self.cfg), clients=trials * self.cfg.cluster.trainer_workers)
         return self.pools
 
     def __exit__(self, *exc) -> None:

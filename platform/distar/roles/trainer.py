@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from distar.config import ObjectiveSection, OptimSection, RewardSpec
-from distar.models.diffusion import Denoiser, OneStepGenerator, TextConditioner
+from distar.models.diffusion import Cond, Denoiser, OneStepGenerator, TextConditioner
 from distar.objectives import (
     DivergenceSpec,
     distance_value,
@@ -85,6 +85,16 @@ class Draw:
         return Draw(self.z[rows], self.t[rows], self.eps[rows])
 
 
+@dataclass
+class Sample:
+    """The generator's sample of one draw, with the prompts' conditioning and its pending rewards."""
+
+    draw: Draw
+    cond: Cond
+    x0: Tensor
+    rewards: Pending[RewardResult]
+
+
 @dataclass(frozen=True)
 class Shard:
     """This trainer's rows of the global batch. Every rank draws the whole batch's randomness from
@@ -136,17 +146,23 @@ class TrainerStep:
     def step(self, prompts: list[str], rng: torch.Generator) -> dict[str, float]:
         """K fake-score updates, then one generator update, all on the same global batch of prompts
         (this rank trains on its shard). An update whose loss, reward or gradient is not finite on
-        any rank is skipped on all of them; metrics["skipped"] is then 1."""
+        any rank is skipped on all of them; metrics["skipped"] is then 1.
+
+        The generator's sample goes to the reward pool before the fake score trains: it does not
+        depend on the fake score, so scoring overlaps the K updates (the price: the sample's
+        activations are held through them)."""
         n, rows = len(prompts), self.shard.rows(len(prompts))
         prompts, skipped = prompts[rows], False
-        for _ in range(self.optim.fake_updates_per_step):
-            fake_loss = self.fake_loss(prompts, self.draw(n, rng)[rows])
+        fake_draws = [self.draw(n, rng)[rows] for _ in range(self.optim.fake_updates_per_step)]
+        sample = self.sample(prompts, self.draw(n, rng)[rows])
+        for d in fake_draws:
+            fake_loss = self.fake_loss(sample.cond, d)
             if not (self.all_ranks_agree(_finite(fake_loss)) and math.isfinite(self.fake_update(fake_loss))):
                 skipped = True
         # The fake score stays frozen through the generator's backward too: its parameters must
         # get no gradient (and, under ZeRO-3, no gradient reduction) from the generator loss.
         with frozen(self.fake):
-            loss, metrics = self.generator_loss(prompts, self.draw(n, rng)[rows])
+            loss, metrics = self.generator_loss(prompts, sample.draw, sample)
             rewards_finite = all(math.isfinite(v) for k, v in metrics.items() if k.startswith("reward/"))
             if self.all_ranks_agree(_finite(loss) and rewards_finite):
                 metrics["grad_norm/generator"] = self.gen_update(loss)
@@ -164,11 +180,17 @@ class TrainerStep:
         eps = torch.randn(batch, *self.latent_shape, generator=rng).to(device)
         return Draw(z, t, eps)
 
-    def generator_loss(self, prompts: list[str], d: Draw) -> tuple[Tensor, dict[str, float]]:
-        """Scalar loss whose gradient w.r.t. the generator is the DI* gradient; and its metrics."""
+    def sample(self, prompts: list[str], d: Draw) -> Sample:
+        """The generator's sample of `d` (with its graph), already sent to the reward pool."""
         cond = self.conditioner(prompts)
         x0 = self.generator(d.z, cond)
-        pending = self.score_rewards(RewardRequest(x0.detach(), prompts))  # scored while the fake score runs below
+        return Sample(d, cond, x0, self.score_rewards(RewardRequest(x0.detach(), prompts)))
+
+    def generator_loss(self, prompts: list[str], d: Draw, sample: Sample | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Scalar loss whose gradient w.r.t. the generator is the DI* gradient; and its metrics.
+        `sample`: the generator's sample of `d` if already taken (step() takes it early)."""
+        sample = sample or self.sample(prompts, d)
+        cond, x0 = sample.cond, sample.x0
         loss, metrics = torch.zeros(len(prompts), dtype=x0.dtype, device=x0.device), {}
         if self.objective.alpha > 0:
             x_t = self.schedule.add_noise(x0, d.eps, d.t)
@@ -179,7 +201,7 @@ class TrainerStep:
             loss = w * trainer_side(d_fake, ref.d_ref, x0, x_t, ref.g_ref, a, b, self.spec)
             y = score_difference(d_fake.detach(), ref.d_ref, a, b)
             metrics["divergence"] = distance_value(y, self.spec.distance, self.spec.huber_c).mean().item()
-        rewards = pending.result()
+        rewards = sample.rewards.result()
         loss = (loss + reward_surrogate(x0, rewards.grads, self.weights)).mean()
         metrics.update({f"reward/{k}": v.mean().item() for k, v in rewards.rewards.items()})
         # Per-sample size of the reward's pull on x0: what reward weights are balanced against.
@@ -187,9 +209,8 @@ class TrainerStep:
         metrics["loss/generator"] = loss.item()
         return loss, metrics
 
-    def fake_loss(self, prompts: list[str], d: Draw) -> Tensor:
+    def fake_loss(self, cond: Cond, d: Draw) -> Tensor:
         """Denoising score matching of the fake score on fresh, detached generator samples."""
-        cond = self.conditioner(prompts)
         with torch.no_grad():
             x0 = self.generator(d.z, cond)
         x_t = self.schedule.add_noise(x0, d.eps, d.t)

@@ -232,7 +232,7 @@ def _trials(cfg: RunConfig, space: Space, parent: TrainingRun, ray_session, n: i
     folder = Path(cfg.run.output_dir)
     log(f"{space.trials} trials, {n} at a time; " + ("starting the shared reward and reference pools (Ray Serve)" if ray_session else "each with its own pools"))
     if ray_session is not None:
-        pools = ray_session.start_pools()
+        pools = ray_session.start_pools(trials=n)
     else:
         pools = None
         start_serve()  # each trial deploys its own pools on it
