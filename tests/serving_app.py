@@ -59,10 +59,10 @@ class ServeRun:
             time.sleep(1)
         raise TimeoutError(f"{url}/healthz did not answer within {timeout} s:\n{self.tail()}")
 
-    def stop(self):
+    def stop(self, timeout: float = 60):
         """Ctrl-C, as a user stops it: serve run then shuts Serve down on the cluster."""
         if self.proc.poll() is None:
-            self.servers.stop(self.proc, timeout=60, sig=signal.SIGINT)
+            self.servers.stop(self.proc, timeout=timeout, sig=signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def served(tmp_path_factory, new_mlflow_server, register_toy_generator, new_ray_
         yield {"url": url, "health": health, "version": int(version.version), "env": env, "root": root, "mlflow": registry_server.uri,
                "servers": servers, "port": port}
     finally:
+        cluster.stop()  # the app goes with its cluster: no need to wait for serve run's own shutdown first
         if run is not None:
-            run.stop()
-        cluster.stop()
+            run.stop(timeout=10)
         registry_server.stop()

@@ -1,5 +1,5 @@
 """The run on a real Ray cluster (`ray start --head` on 127.0.0.1): pools as Serve deployments,
-the trainer on Ray Train with DeepSpeed ZeRO-3 engines, checkpoints, resume, divergence, metrics.
+the trainer on Ray Train with DeepSpeed ZeRO engines, checkpoints, resume, divergence, metrics.
 Faults and stops: test_faults.py."""
 
 import json
@@ -55,7 +55,8 @@ def in_process_one_step(tmp_path_factory, ray_cluster):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_distributed_step_equals_in_process(run_train, in_process_one_step, tmp_path, workers):
-    """Pools on Serve, W trainer ranks with ZeRO-3 engines, each training on 4/W of the batch."""
+    """Pools on Serve, W trainer ranks with the default ZeRO engines (ZeRO-1 on one rank, ZeRO-3
+    across two), each training on 4/W of the batch."""
     expected, values = in_process_one_step
     out = tmp_path / "run"
     run_train(*train_args(out, *ONE_STEP, f"data.batch_size={4 // workers}", f"cluster.trainer_workers={workers}"))
@@ -67,37 +68,31 @@ def test_distributed_step_equals_in_process(run_train, in_process_one_step, tmp_
     assert step["grad_norm/generator"] == pytest.approx(values["grad_norm/generator"], rel=1e-4)
 
 
-def test_resumed_run_continues_identically(run_train, tmp_path):
-    whole, halves = tmp_path / "whole", tmp_path / "halves"
-    run_train(*train_args(whole, "run.steps=4", "run.checkpoint_every=2"))
-    run_train(*train_args(halves, "run.steps=2", "run.checkpoint_every=2"))
-    proc = run_train(*train_args(halves, "run.steps=4", "run.checkpoint_every=2"))
-    assert "resuming from the checkpoint at step 2" in proc.stdout + proc.stderr
-    a, b = metrics(whole), metrics(halves)
-    assert [m["step"] for m in b] == [1, 2, 3, 4]
-    for m_whole, m_resumed in zip(a[2:], b[2:]):
-        for key in ("loss/generator", "loss/fake_score", "divergence", "reward/pickscore"):
-            assert m_resumed[key] == pytest.approx(m_whole[key], rel=1e-6), key
-    assert (unet_params(whole / "generator") - unet_params(halves / "generator")).abs().max().item() < 1e-7
-
-
-def test_ray_job_submit_end_to_end(ray_cluster, mlflow_client, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def submitted(ray_cluster, tmp_path_factory):
+    """One run of 4 steps, checkpointed every 2, as users submit it (`ray job submit`): the
+    end-to-end test's run (which comes first: its version must still be the newest, the one
+    holding `candidate`), and the uninterrupted run the resume test compares against."""
+    out = tmp_path_factory.mktemp("submitted") / "run"
     cmd = ["ray", "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", ".", "--",
-           "python", "jobs/train.py", *train_args(out, "run.steps=3", "run.checkpoint_every=2")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+           "python", "jobs/train.py", *train_args(out, "run.steps=4", "run.checkpoint_every=2")]
+    return out, subprocess.run(cmd, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+
+
+def test_ray_job_submit_end_to_end(submitted, mlflow_client):
+    out, proc = submitted
     assert proc.returncode == 0, proc.stdout[-5000:]
     job = re.search(r"Job '(\S+)' succeeded", proc.stdout)
     assert job and "Ray dashboard: http://" in proc.stdout
     client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])  # the cluster's, inherited by the job
     run = tracked(mlflow_client, out)
     assert run.info.status == "FINISHED" and run.data.tags["ray.job_id"] == job.group(1)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "reward/pickscore")] == [1, 2, 3]  # written by rank 0
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "reward/pickscore")] == [1, 2, 3, 4]  # written by rank 0
     [version] = client.search_model_versions(f"run_id = '{run.info.run_id}'")
     assert client.get_model_version(version.name, version.version).aliases == ["candidate"]
     kept = checkpoints(out)
-    assert len(kept) == 2  # steps 2 and 3 (the end)
-    assert last_state(out)["step"] == 3
+    assert len(kept) == 2  # steps 2 and 4 (the end)
+    assert last_state(out)["step"] == 4
     assert (kept[-1] / "generator").is_dir() and (kept[-1] / "fake_score").is_dir()
 
     from diffusers import StableDiffusionPipeline
@@ -107,6 +102,20 @@ def test_ray_job_submit_end_to_end(ray_cluster, mlflow_client, tmp_path):
     t_star = json.loads((out / "generator" / "distar.json").read_text())["one_step_timestep"]
     images = pipe(["a prompt"], num_inference_steps=1, timesteps=[t_star], guidance_scale=1.0, output_type="pt").images
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_resumed_run_continues_identically(run_train, submitted, tmp_path):
+    (whole, finished), halves = submitted, tmp_path / "halves"
+    assert finished.returncode == 0, finished.stdout[-5000:]
+    run_train(*train_args(halves, "run.steps=2", "run.checkpoint_every=2"))
+    proc = run_train(*train_args(halves, "run.steps=4", "run.checkpoint_every=2"))
+    assert "resuming from the checkpoint at step 2" in proc.stdout + proc.stderr
+    a, b = metrics(whole), metrics(halves)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for m_whole, m_resumed in zip(a[2:], b[2:]):
+        for key in ("loss/generator", "loss/fake_score", "divergence", "reward/pickscore"):
+            assert m_resumed[key] == pytest.approx(m_whole[key], rel=1e-6), key
+    assert (unet_params(whole / "generator") - unet_params(halves / "generator")).abs().max().item() < 1e-7
 
 
 def test_non_finite_updates_stop_the_run(ray_cluster, jobs, mlflow_client, tmp_path):

@@ -233,11 +233,11 @@ def scraped(tmp_path_factory, tiny_pipeline, servers, new_ray_cluster, jobs, pro
         time.sleep(4)  # two more scrapes: the rates' windows end after the last sample
         yield prom, start, time.time()
     finally:
-        if serving is not None and serving.poll() is None:
-            servers.stop(serving, timeout=30, sig=signal.SIGINT)  # serve run shuts Serve down, as on Ctrl-C
-        for server in (cluster, prom):
+        for server in (cluster, prom):  # the app goes with its cluster: serve run's own shutdown need not come first
             if server is not None:
                 server.stop()
+        if serving is not None and serving.poll() is None:
+            servers.stop(serving, timeout=10, sig=signal.SIGINT)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
