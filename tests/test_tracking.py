@@ -39,6 +39,8 @@ def test_embedded_store_is_absolute_and_in_the_working_directory(tmp_path, monke
     assert store.resolve("sqlite:///rel.db").uri == f"sqlite:///{tmp_path}/rel.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert store.resolve().uri == "http://127.0.0.1:5000"
+    assert store.resolve("runs/store").uri == (tmp_path / "runs/store").as_uri()  # a plain folder: MLflow's file store
+    assert store.resolve("file:/abs/store").uri == "file:/abs/store"  # a URI already: not a folder named `file:`
 
 
 def test_resolving_a_store_reads_and_writes_nothing_connecting_leaves_childrens_uris(tmp_path, monkeypatch):

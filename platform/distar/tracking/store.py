@@ -26,6 +26,7 @@ URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 EMBEDDED_DB, EMBEDDED_ARTIFACTS = "mlflow.db", "mlartifacts"
 
 # Userinfo in URIs (scheme://user:password@host) and credential-like query parameters.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")  # a URI, `file:/x` as much as `http://x`
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _QUERY_SECRET = re.compile(r"(?i)([?&](?:[\w.-]*(?:token|secret|password|passwd|signature|credential|key)[\w.-]*)=)[^&\s]*")
 SECRET_NAME = re.compile(r"(?i)(token|secret|password|passwd|credential|api_?key|access_?key)")
@@ -82,7 +83,7 @@ def resolve(configured: str | None = None) -> Store:
         uri = uri[: found.start()] + uri[found.end() :]
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
-    elif "://" not in uri:  # a plain folder: MLflow's file store
+    elif not _SCHEME.match(uri):  # a plain folder: MLflow's file store
         uri = Path(uri).resolve().as_uri()
     return Store(uri, credentials)
 
