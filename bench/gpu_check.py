@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))  # runnable from a bare checkout (and in the spawned ranks)
 
 STEPS = 3
-ROLES = {"reward": "RewardPool", "reference": "ReferencePool", "trainer": "RayTrainWorker"}  # role -> its actors' class name
 
 
 @dataclass(frozen=True)
@@ -132,11 +131,13 @@ class PeakMemory:
         import ray
         from ray.util.state import list_actors
 
+        from distar.cluster.pools import ACTOR_CLASSES
+
         if not ray.is_initialized():  # before that, the state API could read another cluster's address file
             return
         context = ray.get_runtime_context()
         for actor in list_actors(address=context.gcs_address, filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False):
-            role = next((r for r, name in ROLES.items() if name in (actor.class_name or "")), None)
+            role = next((r for r, name in ACTOR_CLASSES.items() if name in (actor.class_name or "")), None)
             if role and actor.pid and actor.node_id == context.get_node_id():  # a pid means something on its own node only
                 self.role[actor.pid] = role
 
@@ -198,6 +199,8 @@ def train(cfg, mode: Mode):
 
 def memory_table(memory: PeakMemory) -> bool:
     """Prints role | processes | peak MiB | measure; True if every role has a figure > 0."""
+    from distar.cluster.pools import ACTOR_CLASSES
+
     print(f"{'role':<10} {'processes':>9} {'peak MiB':>10}  measure ({memory.samples} samples every {memory.every} s)")
     ok = True
     for measure in [memory.GPU] * memory.gpu + [memory.RSS]:
@@ -205,7 +208,7 @@ def memory_table(memory: PeakMemory) -> bool:
         if measure == memory.GPU and not peaks:  # inside a container nvidia-smi may list the host's pids
             print("note: nvidia-smi listed none of the roles' pids (another PID namespace?): no per-role GPU figures")
             continue
-        for role in ROLES:
+        for role in ACTOR_CLASSES:
             pids = [pid for pid in peaks if memory.role[pid] == role]
             mb = max((peaks[pid] for pid in pids), default=0.0)
             ok &= mb > 0

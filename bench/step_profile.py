@@ -8,7 +8,8 @@ every process of the job (the driver, Ray's daemons, the trainer workers, the po
 and prints, per step over the steady steps (the first fifth of the steps and the last are left
 out: warm-up and export), the wall and CPU seconds of each process role, and inside the trainer
 the seconds of each part of its step, from the run's metrics file (distar.run.timing): its
-forwards, its updates, waiting on each pool, sending to them, and DeepSpeed ZeRO-3's gathers.
+forwards, its updates, waiting on each pool, sending to them, and DeepSpeed ZeRO-3's gathers;
+then each job's whole wall time, start-up and export included, and the ratios Ray / in-process.
 """
 
 from __future__ import annotations
@@ -28,11 +29,9 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
+from distar.cluster.pools import ACTOR_CLASSES  # noqa: E402
 from distar.config import RunConfig  # noqa: E402
 from distar.run.timing import STEP_PARTS  # noqa: E402
-
-# A process's role from its title (Ray names its workers `ray::<actor class>...`); the rest is Ray's own.
-ROLES = (("trainer", "RayTrainWorker"), ("reward pool", "RewardPool"), ("reference pool", "ReferencePool"))
 
 
 def role_of(proc: psutil.Process, driver: int) -> str:
@@ -44,7 +43,7 @@ def role_of(proc: psutil.Process, driver: int) -> str:
     except psutil.Error:
         return "ray: (gone)"
     title = " ".join(cmdline)
-    role = next((role for role, marker in ROLES if marker in title), None)
+    role = next((role for role, actor in ACTOR_CLASSES.items() if actor in title), None)
     if role is not None:
         return role
     if title.startswith("ray::"):
@@ -78,7 +77,7 @@ def profile(args: list[str], out: Path, first: int, last: int) -> dict:
     log = (out.parent / f"{out.name}.log").open("w+")
     job = subprocess.Popen([sys.executable, "jobs/train.py", *args, "--set", f"run.output_dir={out}"], cwd=ROOT, env=env, stdout=log,
                            stderr=subprocess.STDOUT)
-    driver, marks = psutil.Process(job.pid), {}
+    driver, marks, started = psutil.Process(job.pid), {}, time.perf_counter()
     while job.poll() is None:
         done = steps_done(out / "metrics.jsonl")
         for step in (first, last):
@@ -96,7 +95,7 @@ def profile(args: list[str], out: Path, first: int, last: int) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     window = [r for r in rows if s0 < r["step"] <= s1]
     parts = {f"{kind}/{p}": sum(r.get(f"{kind}/{p}", 0.0) for r in window) / len(window) for kind in ("time", "cpu") for p in STEP_PARTS}
-    return {"wall": (t1 - t0) / steps, "cpu": dict(cpu), "parts": parts, "steps": (s0, s1)}
+    return {"wall": (t1 - t0) / steps, "cpu": dict(cpu), "parts": parts, "steps": (s0, s1), "job": time.perf_counter() - started}
 
 
 def table(results: dict[str, dict]) -> None:
@@ -139,7 +138,8 @@ def main() -> int:
     print(f"default run{' with ' + ' '.join(a.set) if a.set else ''}: steps {base['steps'][0] + 1}-{base['steps'][1]} of {a.steps}, "
           f"{os.cpu_count()} CPUs")
     table(results)
-    print(f"ratio Ray / in-process: training rate {base['wall'] / ray['wall']:.2f}x")
+    print(f"whole job, start-up and export included: {base['job']:.1f} s in-process, {ray['job']:.1f} s on Ray")
+    print(f"ratio Ray / in-process: training rate {base['wall'] / ray['wall']:.2f}x, whole job {ray['job'] / base['job']:.2f}x")
     return 0
 
 

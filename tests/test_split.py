@@ -105,7 +105,7 @@ def test_split_gradient_equals_monolithic(world, divergence, placement):
     d = trainer.draw(len(PROMPTS), torch.Generator().manual_seed(0))
     d.z, d.eps = d.z.double(), d.eps.double()
 
-    split, metrics = trainer.generator_loss(PROMPTS, d)
+    split, metrics = trainer.generator_loss(trainer.sample(PROMPTS, d))
     g_split = gradient(split, generator)
     g_mono = gradient(monolithic_loss(parts, generator, fake, rewards, objective, d), generator)
 
@@ -124,7 +124,7 @@ def test_reward_only_objective_skips_the_reference(world):
     d = trainer.draw(len(PROMPTS), torch.Generator().manual_seed(1))
     d.z, d.eps = d.z.double(), d.eps.double()
     parts, generator, fake, rewards = world
-    split, _ = trainer.generator_loss(PROMPTS, d)
+    split, _ = trainer.generator_loss(trainer.sample(PROMPTS, d))
     assert relative_error(gradient(split, generator), gradient(monolithic_loss(parts, generator, fake, rewards, objective, d), generator)) < RTOL
 
 
@@ -137,6 +137,6 @@ def test_pool_without_reference_backward_gives_a_different_gradient(world):
     detached = trainer_for(world, objective, query_reference=lambda req: ReferenceResult(reference(req).d_ref, None))
     d = exact.draw(len(PROMPTS), torch.Generator().manual_seed(2))
     d.z, d.eps = d.z.double(), d.eps.double()
-    g_exact = gradient(exact.generator_loss(PROMPTS, d)[0], generator)
-    g_detached = gradient(detached.generator_loss(PROMPTS, d)[0], generator)
+    g_exact = gradient(exact.generator_loss(exact.sample(PROMPTS, d))[0], generator)
+    g_detached = gradient(detached.generator_loss(detached.sample(PROMPTS, d))[0], generator)
     assert relative_error(g_detached, g_exact) > 1e-3

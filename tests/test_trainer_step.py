@@ -42,7 +42,7 @@ def test_shards_average_to_the_whole_batch_gradient(run):
         rows = shard.rows(len(prompts))
         d = t.draw(len(prompts), torch.Generator().manual_seed(3))[rows]
         trainer.generator.zero_grad()
-        t.generator_loss(prompts[rows], d)[0].backward()
+        t.generator_loss(t.sample(prompts[rows], d))[0].backward()
         grads.append(flat_grad(trainer.generator))
     whole, half_0, half_1 = grads
     assert ((half_0 + half_1) / 2 - whole).norm() / whole.norm() < 1e-5
@@ -125,7 +125,7 @@ def test_under_deepspeed_zero3_the_generator_update_leaves_the_fake_score_alone(
     run.timing.take()
     assert two_steps(run) == []
     assert all(torch.isfinite(p.ds_tensor).all() for p in run.generator.parameters())  # gloo gathers have raced into NaNs upstream
-    assert run.timing.take()["wall"]["zero"] > 0  # ZeRO-3's own work is timed as its own part
+    assert run.timing.take()["time"]["zero"] > 0  # ZeRO-3's own work is timed as its own part
 
 
 @pytest.mark.slow
@@ -181,9 +181,8 @@ def test_the_reward_request_goes_out_before_the_fake_score_trains(run):
 
 
 def test_the_zero_stage_fits_the_worker_count_unless_set():
-    """One worker has nothing to shard: ZeRO-1 by default, and under an explicit ZeRO-3 its
-    parameters stay whole (a gather would only copy). Across workers ZeRO-3 shards parameters of
-    1e5 elements and more; gradients and Adam states stay sharded whatever the threshold."""
+    """One worker has nothing to shard: ZeRO-1 by default. Across workers ZeRO-3 shards parameters
+    of 1e5 elements and more; gradients and Adam states stay sharded whatever the threshold."""
     from distar.cluster.engines import ds_config
 
     def zero(*sets):
@@ -192,5 +191,4 @@ def test_the_zero_stage_fits_the_worker_count_unless_set():
 
     assert zero()["stage"] == 1 and zero("cluster.trainer_workers=2")["stage"] == 3
     assert zero("cluster.zero_stage=2", "cluster.trainer_workers=2")["stage"] == 2
-    assert zero("cluster.zero_stage=3")["stage3_param_persistence_threshold"] >= 10**12
     assert zero("cluster.trainer_workers=2")["stage3_param_persistence_threshold"] == 100_000

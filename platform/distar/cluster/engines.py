@@ -26,10 +26,9 @@ def ds_config(cfg: RunConfig, spec: OptimizerSpec) -> dict:
         "zero_optimization": {
             "stage": cfg.cluster.zero(),
             "overlap_comm": torch.cuda.is_available(),  # no streams to overlap on CPU
-            # One rank holds every parameter whole anyway: gathering them would only copy. Across ranks,
-            # parameters under 1e5 elements stay whole on every rank (DeepSpeed's default), where a
-            # gather costs more than the memory it saves; gradients and Adam states are sharded all the same.
-            "stage3_param_persistence_threshold": 10**15 if cfg.cluster.trainer_workers == 1 else 100_000,
+            # Parameters under 1e5 elements stay whole on every rank (DeepSpeed's default), where a gather
+            # costs more than the memory it saves; gradients and Adam states are sharded all the same.
+            "stage3_param_persistence_threshold": 100_000,
             "stage3_prefetch_bucket_size": 0,  # no trace-based prefetch: the call order varies with K and alpha
         },
         # torch's own AdamW: DeepSpeed's fused and CPU Adam ops need a compiler at first use.

@@ -54,7 +54,7 @@ class TrainerMetrics:
         """parts: StepParts.take() of this step (its wall seconds by part are counted)."""
         self.step_time.observe(seconds, tags=self.tags)
         for part in STEP_PARTS:
-            spent = parts["wall"].get(part, 0.0)
+            spent = parts["time"].get(part, 0.0)
             if spent > 0:  # Ray's Counter takes positive increments only (with objective.alpha = 0 there is no reference call)
                 self.step_part.inc(spent, tags={**self.tags, "part": part})
         self.samples.set(samples / seconds, tags=self.tags)

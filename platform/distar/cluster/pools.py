@@ -49,6 +49,13 @@ def _images(requests: list) -> int:
 class _Pool:
     """One replica: a worker of the role on this replica's device, running concurrent requests merged."""
 
+    @staticmethod
+    def _batching(method, pool: PoolSpec, clients: int) -> None:
+        """The batch a replica assembles for `method` (a serve.batch method): at most the pool's
+        max_batch_size images, waiting for more only when other clients can send them."""
+        method.set_max_batch_size(pool.max_batch_size)
+        method.set_batch_wait_timeout_s(batch_wait_s(clients))
+
     def _run(self, requests: list, group=lambda r: None) -> list:
         def call(merged):
             self.metrics.batch_ran(len(merged))
@@ -62,8 +69,7 @@ class RewardPool(_Pool):
     def __init__(self, cfg: dict, clients: int):
         run, self.device = RunConfig.model_validate(cfg), local_device()
         self.worker = build.reward_worker(run, self.device)
-        self.score.set_max_batch_size(run.cluster.reward_pool.max_batch_size)
-        self.score.set_batch_wait_timeout_s(batch_wait_s(clients))
+        self._batching(self.score, run.cluster.reward_pool, clients)
         self.metrics = RoleMetrics("reward")
 
     @serve.batch(batch_size_fn=_images, batch_wait_timeout_s=BATCH_WAIT_S)
@@ -76,13 +82,16 @@ class ReferencePool(_Pool):
     def __init__(self, cfg: dict, clients: int):
         run, self.device = RunConfig.model_validate(cfg), local_device()
         self.worker = build.reference_worker(run, build.reference_parts(run, self.device))
-        self.query.set_max_batch_size(run.cluster.reference_pool.max_batch_size)
-        self.query.set_batch_wait_timeout_s(batch_wait_s(clients))
+        self._batching(self.query, run.cluster.reference_pool, clients)
         self.metrics = RoleMetrics("reference")
 
     @serve.batch(batch_size_fn=_images, batch_wait_timeout_s=BATCH_WAIT_S)
     async def query(self, requests: list[ReferenceRequest]) -> list[ReferenceResult]:
         return self._run(requests, group=lambda r: r.spec)  # Tune trials sharing the pool may differ in objective
+
+
+# Each role's Ray actor class, as process titles (`ray::<class>...`) and Ray's state API name it.
+ACTOR_CLASSES = {"reward": RewardPool.name, "reference": ReferencePool.name, "trainer": "RayTrainWorker"}
 
 
 def start_serve() -> None:

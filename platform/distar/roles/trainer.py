@@ -87,8 +87,10 @@ class Draw:
 
 @dataclass
 class Sample:
-    """The generator's sample of one draw, with the prompts' conditioning and its pending rewards."""
+    """The generator's sample of one draw for this rank's prompts, with their conditioning and the
+    sample's pending rewards."""
 
+    prompts: list[str]
     draw: Draw
     cond: Cond
     x0: Tensor
@@ -162,7 +164,7 @@ class TrainerStep:
         # The fake score stays frozen through the generator's backward too: its parameters must
         # get no gradient (and, under ZeRO-3, no gradient reduction) from the generator loss.
         with frozen(self.fake):
-            loss, metrics = self.generator_loss(prompts, sample.draw, sample)
+            loss, metrics = self.generator_loss(sample)
             rewards_finite = all(math.isfinite(v) for k, v in metrics.items() if k.startswith("reward/"))
             if self.all_ranks_agree(_finite(loss) and rewards_finite):
                 metrics["grad_norm/generator"] = self.gen_update(loss)
@@ -184,13 +186,11 @@ class TrainerStep:
         """The generator's sample of `d` (with its graph), already sent to the reward pool."""
         cond = self.conditioner(prompts)
         x0 = self.generator(d.z, cond)
-        return Sample(d, cond, x0, self.score_rewards(RewardRequest(x0.detach(), prompts)))
+        return Sample(prompts, d, cond, x0, self.score_rewards(RewardRequest(x0.detach(), prompts)))
 
-    def generator_loss(self, prompts: list[str], d: Draw, sample: Sample | None = None) -> tuple[Tensor, dict[str, float]]:
-        """Scalar loss whose gradient w.r.t. the generator is the DI* gradient; and its metrics.
-        `sample`: the generator's sample of `d` if already taken (step() takes it early)."""
-        sample = sample or self.sample(prompts, d)
-        cond, x0 = sample.cond, sample.x0
+    def generator_loss(self, sample: Sample) -> tuple[Tensor, dict[str, float]]:
+        """Scalar loss whose gradient w.r.t. the generator is the DI* gradient at `sample`; and its metrics."""
+        prompts, d, cond, x0 = sample.prompts, sample.draw, sample.cond, sample.x0
         loss, metrics = torch.zeros(len(prompts), dtype=x0.dtype, device=x0.device), {}
         if self.objective.alpha > 0:
             x_t = self.schedule.add_noise(x0, d.eps, d.t)

@@ -169,7 +169,7 @@ class RunLoop:
         rank reports at the same steps (a barrier)."""
         run, step = self.cfg.run, progress.step
         if self.writer and step > self.recorded:
-            timed = {f"{kind}/{part}": s for kind, key in (("time", "wall"), ("cpu", "cpu")) for part, s in parts[key].items()}
+            timed = {f"{kind}/{part}": s for kind, by_part in parts.items() for part, s in by_part.items()}
             with (self.out / METRICS_FILE).open("a") as f:
                 f.write(json.dumps({**values, **timed}) + "\n")
         report = {**values, **progress.validation, "validations": progress.validations}

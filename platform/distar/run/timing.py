@@ -33,7 +33,8 @@ STEP_PARTS = (
 )
 
 
-def _now() -> tuple[float, float]:
+def process_clock() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) now."""
     return time.perf_counter(), time.process_time()
 
 
@@ -45,20 +46,20 @@ class _Pending:
 
 
 class StepParts:
-    """Seconds of the current step in each part, wall and CPU, charged by the callables, hooks and
-    contexts it hands out; take() returns them and starts the next step from zero."""
+    """Seconds of the current step in each part, wall ("time") and CPU, charged by the callables,
+    hooks and contexts it hands out; take() returns them and starts the next step from zero."""
 
-    def __init__(self):
-        self.wall: dict[str, float] = defaultdict(float)
-        self.cpu: dict[str, float] = defaultdict(float)
+    def __init__(self, clock: Callable[[], tuple[float, float]] = process_clock):
+        self.clock = clock
+        self.seconds = {"time": defaultdict(float), "cpu": defaultdict(float)}
         self.running: list[str] = []  # the parts entered and not yet left, innermost last
-        self.mark = _now()
+        self.mark = clock()
 
     def _charge(self) -> None:
         """The time since the last mark goes to the innermost running part."""
-        now, part = _now(), self.running[-1] if self.running else "other"
-        self.wall[part] += now[0] - self.mark[0]
-        self.cpu[part] += now[1] - self.mark[1]
+        now, part = self.clock(), self.running[-1] if self.running else "other"
+        for kind, was, is_ in zip(self.seconds, self.mark, now):
+            self.seconds[kind][part] += is_ - was
         self.mark = now
 
     def enter(self, part: str) -> None:
@@ -94,8 +95,8 @@ class StepParts:
         module.register_forward_hook(lambda *_: self.leave(), always_call=True)
 
     def take(self) -> dict[str, dict[str, float]]:
-        """{"wall": {part: s}, "cpu": {part: s}} since the last take; the next step starts from zero."""
+        """{"time": {part: wall s}, "cpu": {part: CPU s}} since the last take; the next step starts from zero."""
         self._charge()
-        taken = {"wall": dict(self.wall), "cpu": dict(self.cpu)}
-        self.wall, self.cpu = defaultdict(float), defaultdict(float)
+        taken = {kind: dict(by_part) for kind, by_part in self.seconds.items()}
+        self.seconds = {kind: defaultdict(float) for kind in self.seconds}
         return taken
