@@ -91,7 +91,7 @@ def served(tmp_path_factory, new_mlflow_server, register_toy_generator, new_ray_
         yield {"url": url, "health": health, "version": int(version.version), "env": env, "root": root, "mlflow": registry_server.uri,
                "servers": servers, "port": port}
     finally:
-        cluster.stop()  # the app goes with its cluster: no need to wait for serve run's own shutdown first
-        if run is not None:
-            run.stop(timeout=10)
+        cluster.stop()  # the app goes with its cluster: serve run, left with nothing to shut down, is killed
+        if run is not None and run.proc.poll() is None:
+            servers.stop(run.proc, timeout=10, sig=signal.SIGKILL)
         registry_server.stop()

