@@ -6,7 +6,7 @@ import torch
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError
 
-from distar.cluster.calls import PoolUnavailable, RetryingCall
+from distar.cluster.calls import PoolUnavailable, RetryingCall, wait_running
 from distar.roles.reward_worker import RewardRequest
 
 
@@ -76,3 +76,36 @@ def test_a_pool_gone_for_good_fails_the_call_in_one_line_after_its_attempts(monk
     with pytest.raises(PoolUnavailable, match=r"^error: reward pool: a request failed 3 times; last error: DeploymentUnavailableError"):
         call.result()
     assert len(replicas.sent) == 3
+
+
+def serve_reporting(*rounds: dict[str, tuple[str, str]]):
+    """serve.status() as Serve reports it: one round of {app: (status, message)} per call, the last repeated."""
+    from ray.serve.schema import ApplicationStatusOverview, ServeStatus
+
+    calls = []
+
+    def status():
+        state = rounds[min(len(calls), len(rounds) - 1)]
+        calls.append(state)
+        return ServeStatus(applications={app: ApplicationStatusOverview(status=s, message=m, last_deployed_time_s=0.0, deployments={})
+                                         for app, (s, m) in state.items()})
+
+    return status, calls
+
+
+def test_the_first_request_waits_until_both_pools_run(monkeypatch):
+    status, calls = serve_reporting({}, {"r": ("DEPLOYING", ""), "f": ("DEPLOYING", "")}, {"r": ("RUNNING", ""), "f": ("DEPLOYING", "")},
+                                    {"r": ("RUNNING", ""), "f": ("RUNNING", "")})
+    monkeypatch.setattr("distar.cluster.calls.serve.status", status)
+    wait_running({"reward": "r", "reference": "f"}, every_s=0)
+    assert len(calls) == 4
+
+
+def test_a_pool_that_cannot_start_ends_the_run_in_one_line(monkeypatch):
+    reason = "\nThe deployments ['ReferencePool'] are UNHEALTHY: replica constructor failed\nTraceback (most recent call last): ..."
+    status, _ = serve_reporting({"r": ("DEPLOYING", ""), "f": ("DEPLOYING", "")}, {"r": ("RUNNING", ""), "f": ("DEPLOY_FAILED", reason)})
+    monkeypatch.setattr("distar.cluster.calls.serve.status", status)
+    with pytest.raises(PoolUnavailable) as failed:
+        wait_running({"reward": "r", "reference": "f"}, every_s=0)
+    assert failed.value.status == 1  # the run started: exit 1, the run FAILED
+    assert str(failed.value) == "error: reference pool: its replicas failed to start: The deployments ['ReferencePool'] are UNHEALTHY: replica constructor failed"

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
@@ -23,7 +24,7 @@ RETRYABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError,
 
 
 class PoolUnavailable(RunFailed):
-    """A pool failed the same request too many times."""
+    """A pool cannot serve the run: its replicas failed to start, or it failed the same request too many times."""
 
 
 class RetryingCall:
@@ -52,17 +53,41 @@ class RetryingCall:
                 self.response = self.method.remote(*self.args)
 
 
+def wait_running(apps: dict[str, str], every_s: float = 0.5) -> None:
+    """Until Serve reports each pool's app ({role: app}) RUNNING; a pool whose replicas failed to
+    start ends the run in one line with Serve's reason. Like a blocking deploy, it waits as long as
+    the replicas take to load (a cluster short of resources keeps them pending)."""
+    while True:
+        statuses = serve.status().applications
+        for role, app in apps.items():
+            status = statuses.get(app)
+            if status is not None and status.status == "DEPLOY_FAILED":
+                reason = next((line for line in status.message.splitlines() if line.strip()), "no reason given")
+                raise PoolUnavailable(f"{role} pool: its replicas failed to start: {reason}")
+        if all(app in statuses and statuses[app].status == "RUNNING" for app in apps.values()):
+            return
+        time.sleep(every_s)
+
+
 class PoolClients:
     """The two pool callables TrainerStep takes, backed by the pools' deployment handles."""
 
     def __init__(self, reward_handle, reference_handle, on_done: Callable[[str, float], None], timeouts_s: tuple[float, float] = (300.0, 300.0),
-                 attempts: int = 5):
-        """`timeouts_s`: how long one request to the reward and to the reference pool may take."""
+                 attempts: int = 5, loading: dict[str, str] | None = None):
+        """`timeouts_s`: how long one request to the reward and to the reference pool may take.
+        `loading`: the pools' apps ({role: app}) when they were deployed without waiting for their
+        replicas (the trainer set itself up meanwhile): the first request waits until they run."""
         self.reward, self.reference = reward_handle.score, reference_handle.query
-        self.on_done, self.attempts, self.timeouts_s = on_done, attempts, timeouts_s
+        self.on_done, self.attempts, self.timeouts_s, self.loading = on_done, attempts, timeouts_s, loading
+
+    def _send(self, method, request, role: str, timeout_s: float, device) -> RetryingCall:
+        if self.loading:
+            wait_running(self.loading)
+            self.loading = None
+        return RetryingCall(method, (request,), role, self.attempts, timeout_s, self.on_done, device)
 
     def score_rewards(self, request) -> RetryingCall:
-        return RetryingCall(self.reward, (request,), "reward", self.attempts, self.timeouts_s[0], self.on_done, request.x0.device)
+        return self._send(self.reward, request, "reward", self.timeouts_s[0], request.x0.device)
 
     def query_reference(self, request) -> RetryingCall:
-        return RetryingCall(self.reference, (request,), "reference", self.attempts, self.timeouts_s[1], self.on_done, request.x_t.device)
+        return self._send(self.reference, request, "reference", self.timeouts_s[1], request.x_t.device)

@@ -109,9 +109,10 @@ class Pools:
     reference: serve.handle.DeploymentHandle
 
     @classmethod
-    def start(cls, cfg: RunConfig, env: dict[str, str], clients: int) -> Pools:
+    def start(cls, cfg: RunConfig, env: dict[str, str], clients: int, wait: bool = True) -> Pools:
         """Deploy both pools (replicas get `env`) for `clients` trainer workers calling them at once,
-        and wait until every replica has loaded its models."""
+        and wait until every replica has loaded its models (`wait=False`: return once Serve has the
+        apps; the callers' first requests wait, see distar.cluster.calls.wait_running)."""
         start_serve()
         tag = f"distar-{cfg.run.name}-{uuid.uuid4().hex[:6]}"
         payload = safe_tree(cfg.model_dump(mode="json"))  # Serve shows deployments' arguments: no credentials in them
@@ -121,7 +122,12 @@ class Pools:
             # no per-request access lines: a run makes several requests a step
             app = deployment.options(num_replicas=pool.replicas, ray_actor_options=options, logging_config={"enable_access_log": False}).bind(payload, clients)
             targets.append(serve.RunTarget(app, name=name, route_prefix=None))
-        return cls(names, *serve.run_many(targets))  # both pools load at once
+        return cls(names, *serve.run_many(targets, wait_for_applications_running=wait))  # both pools load at once
+
+    @property
+    def loading(self) -> dict[str, str]:
+        """{role: app}, for the trainer's clients to wait on (PoolClients' `loading`)."""
+        return dict(zip(("reward", "reference"), self.apps))
 
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Delete both apps at once and wait (bounded) until Serve has removed them."""

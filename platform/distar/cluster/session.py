@@ -108,12 +108,12 @@ class RaySession:
                 signal.signal(signal.SIGTERM, on_sigterm)
         return self
 
-    def start_pools(self, trials: int = 1):
+    def start_pools(self, trials: int = 1, wait: bool = True):
         """Deploy the reward and reference pools of the session's config for `trials` concurrent runs
-        and wait until they are ready."""
+        and wait until they are ready (`wait=False`: until Serve has them; see Pools.start)."""
         from distar.cluster.pools import Pools
 
-        self.pools = Pools.start(self.cfg, worker_env(self.cfg), clients=trials * self.cfg.cluster.trainer_workers)
+        self.pools = Pools.start(self.cfg, worker_env(self.cfg), clients=trials * self.cfg.cluster.trainer_workers, wait=wait)
         return self.pools
 
     def __exit__(self, *exc) -> None:
