@@ -93,7 +93,7 @@ def serve_reporting(*rounds: dict[str, tuple[str, str]]):
     return status, calls
 
 
-def test_the_first_request_waits_until_both_pools_run(monkeypatch):
+def test_waiting_ends_once_both_pools_run(monkeypatch):
     status, calls = serve_reporting({}, {"r": ("DEPLOYING", ""), "f": ("DEPLOYING", "")}, {"r": ("RUNNING", ""), "f": ("DEPLOYING", "")},
                                     {"r": ("RUNNING", ""), "f": ("RUNNING", "")})
     monkeypatch.setattr("distar.cluster.calls.serve.status", status)

@@ -73,12 +73,12 @@ class PoolClients:
     """The two pool callables TrainerStep takes, backed by the pools' deployment handles."""
 
     def __init__(self, reward_handle, reference_handle, on_done: Callable[[str, float], None], timeouts_s: tuple[float, float] = (300.0, 300.0),
-                 attempts: int = 5, loading: dict[str, str] | None = None):
+                 apps: dict[str, str] | None = None, attempts: int = 5):
         """`timeouts_s`: how long one request to the reward and to the reference pool may take.
-        `loading`: the pools' apps ({role: app}) when they were deployed without waiting for their
-        replicas (the trainer set itself up meanwhile): the first request waits until they run."""
+        `apps`: the pools' Serve apps ({role: app}), which may still be loading their replicas (a run
+        sets its trainer up meanwhile): the first request waits until they run."""
         self.reward, self.reference = reward_handle.score, reference_handle.query
-        self.on_done, self.attempts, self.timeouts_s, self.loading = on_done, attempts, timeouts_s, loading
+        self.on_done, self.attempts, self.timeouts_s, self.loading = on_done, attempts, timeouts_s, apps
 
     def _send(self, method, request, role: str, timeout_s: float, device) -> RetryingCall:
         if self.loading:

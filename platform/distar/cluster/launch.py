@@ -25,10 +25,10 @@ def _not_in_process(location: str) -> None:
                         "or give this run another run.output_dir")
 
 
-def fit(cfg: RunConfig, pools, tracking: RunTarget | None, callbacks: list = (), loading: bool = False) -> Outcome:
-    """Run the trainer on Ray Train against the pools (`loading`: still loading their replicas, which
-    the workers' first requests wait for); returns how the run ended. The same output folder (or
-    run.storage_path) resumes from its checkpoints."""
+def fit(cfg: RunConfig, pools, tracking: RunTarget | None, callbacks: list = ()) -> Outcome:
+    """Run the trainer on Ray Train against the pools (the workers' first requests wait until they
+    run); returns how the run ended. The same output folder (or run.storage_path) resumes from its
+    checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig, TrainingFailedError
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
@@ -45,7 +45,7 @@ def fit(cfg: RunConfig, pools, tracking: RunTarget | None, callbacks: list = (),
         # Ray keeps this in its run state, which the dashboard shows: the config goes redacted (rank 0
         # writes to MLflow through the tracking target, whose credentials never print).
         train_loop_config={"run": safe_tree(cfg.model_dump(mode="json")), "reward": pools.reward, "reference": pools.reference, "tracking": tracking,
-                           "loading": pools.loading if loading else None},
+                           "apps": pools.by_role},
         scaling_config=ScalingConfig(num_workers=c.trainer_workers, use_gpu=c.trainer_gpus > 0,
                                      resources_per_worker={"CPU": c.trainer_cpus, **({"GPU": c.trainer_gpus} if c.trainer_gpus else {})}),
         run_config=TrainRunConfig(
@@ -85,4 +85,4 @@ def train(cfg: RunConfig, tracking: RunTarget | None = None, log: Callable[[str]
     with RaySession(cfg, log=log) as session:
         log("starting the reward and reference pools (Ray Serve) and the trainer")
         pools = session.start_pools(wait=False)
-        return fit(cfg, pools, tracking, loading=True)
+        return fit(cfg, pools, tracking)

@@ -125,8 +125,8 @@ class Pools:
         return cls(names, *serve.run_many(targets, wait_for_applications_running=wait))  # both pools load at once
 
     @property
-    def loading(self) -> dict[str, str]:
-        """{role: app}, for the trainer's clients to wait on (PoolClients' `loading`)."""
+    def by_role(self) -> dict[str, str]:
+        """{role: app}: what the trainer's clients wait on before their first request."""
         return dict(zip(("reward", "reference"), self.apps))
 
     def shutdown(self, timeout_s: float = 60.0) -> None:

@@ -37,13 +37,13 @@ class RayTrain:
     all_ranks_agree = staticmethod(engines.all_ranks_agree)
     gathered = staticmethod(engines.gathered)
 
-    def __init__(self, cfg: RunConfig, reward_handle, reference_handle, loading: dict[str, str] | None = None):
+    def __init__(self, cfg: RunConfig, reward_handle, reference_handle, apps: dict[str, str]):
         context = ray.train.get_context()
         self.cfg, self.rank, self.world = cfg, context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.metrics = TrainerMetrics(cfg.run.name)
         timeouts = (cfg.cluster.reward_pool.request_timeout_s, cfg.cluster.reference_pool.request_timeout_s)
-        self.clients = PoolClients(reward_handle, reference_handle, self.metrics.request_done, timeouts, loading=loading)
+        self.clients = PoolClients(reward_handle, reference_handle, self.metrics.request_done, timeouts, apps)
         self.engines: dict = {}
 
     def pools(self, cfg: RunConfig, parts):
@@ -85,6 +85,6 @@ class RayTrain:
 def train_worker(config: dict) -> Outcome:
     """TorchTrainer's train_loop_per_worker: config holds the run config, the pools' handles and rank 0's tracking target."""
     cfg = RunConfig.model_validate(config["run"])
-    runtime = RayTrain(cfg, config["reward"], config["reference"], config["loading"])
+    runtime = RayTrain(cfg, config["reward"], config["reference"], config["apps"])
     loop = RunLoop(cfg, runtime, log=lambda line: print(line, flush=True))
     return loop.run(config["tracking"] if runtime.rank == 0 else None)
