@@ -87,6 +87,8 @@ def test_ray_job_submit_end_to_end(submitted, mlflow_client):
     run = tracked(mlflow_client, out)
     assert run.info.status == "FINISHED" and run.data.tags["ray.job_id"] == job.group(1)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "reward/pickscore")] == [1, 2, 3, 4]  # written by rank 0
+    history = metrics(out)  # the smoke preset as shipped: no skipped update, every value finite
+    assert all(m["skipped"] == 0 for m in history) and all(v == v and abs(v) != float("inf") for m in history for v in m.values())
     [version] = client.search_model_versions(f"run_id = '{run.info.run_id}'")
     assert client.get_model_version(version.name, version.version).aliases == ["candidate"]
     kept = checkpoints(out)

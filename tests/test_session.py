@@ -3,7 +3,7 @@
 import os
 
 from distar.cluster import engines  # noqa: F401  (imported for the check below: it configures nothing)
-from distar.cluster.session import cpus_needed, worker_env
+from distar.cluster.session import TRAIN_CONTROLLER, cpus_needed, set_train_controller_env, worker_env
 from distar.config import absolute_paths, load_config
 
 
@@ -28,3 +28,15 @@ def test_deepspeed_is_told_its_accelerator_by_the_workers_environment_not_at_imp
     assert "DS_ACCELERATOR" not in os.environ  # importing distar.cluster.engines set nothing
     assert worker_env(load_config())["DS_ACCELERATOR"] == "cpu"
     assert worker_env(load_config(None, ["cluster.trainer_gpus=1"]))["DS_ACCELERATOR"] == "cuda"
+
+
+def test_ray_train_polls_its_workers_every_half_second_unless_the_user_says(monkeypatch):
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate  # what Ray Train hands its controller
+
+    [name] = TRAIN_CONTROLLER
+    monkeypatch.delenv(name, raising=False)
+    set_train_controller_env()
+    assert float(get_env_vars_to_propagate()[name]) == 0.5
+    monkeypatch.setenv(name, "3")
+    set_train_controller_env()
+    assert get_env_vars_to_propagate()[name] == "3"

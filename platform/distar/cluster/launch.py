@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from distar import storage
-from distar.cluster.session import RaySession, worker_env
+from distar.cluster.session import RaySession, set_train_controller_env, worker_env
 from distar.config import RunConfig, absolute_paths
 from distar.errors import UserError
 from distar.run.runtime import Outcome
@@ -40,6 +40,7 @@ def fit(cfg: RunConfig, pools, tracking: RunTarget | None, callbacks: list = ())
     Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
     storage_path, filesystem = storage.checkpoint_location(location)
     c = cfg.cluster
+    set_train_controller_env()
     trainer = TorchTrainer(
         train_worker,
         # Ray keeps this in its run state, which the dashboard shows: the config goes redacted (rank 0

@@ -30,6 +30,19 @@ QUIET = {
 }
 
 
+# Ray Train's controller looks at its workers every 2 s by default, so a run waits up to that long
+# to see its worker group start and again to see it finish. Two looks a second cost the workers
+# nothing measurable and save about 5 s a run (a 3-step smoke job: 45 s -> 40.5 s).
+TRAIN_CONTROLLER = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def set_train_controller_env() -> None:
+    """Put TRAIN_CONTROLLER in this driver's environment, where Ray Train reads it and passes it on
+    to the controller it starts; a value the user set wins."""
+    for name, value in TRAIN_CONTROLLER.items():
+        os.environ.setdefault(name, value)
+
+
 def worker_env(cfg: RunConfig) -> dict[str, str]:
     """The environment of a run's trainer workers and pool replicas: quiet, and DeepSpeed on the
     accelerator the trainers are given (told, not guessed)."""
