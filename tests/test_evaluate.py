@@ -16,7 +16,7 @@ from distar.evaluation import measure, runs, subjects, table
 from distar.toy import world
 
 NAME = "eval-generator"  # a registered model of this module's own on the shared server
-RAW = ("reward/pickscore", "reward/clip_score", "pref", "acc/size", "acc/color", "acc/shape", "acc/position", "acc/all",
+RAW = ("reward/pickscore", "reward/clip_score", "pref", "acc/size", "acc/color", "acc/shape", "acc/position", "acc/all", "world/misplaced", "world/off_world",
        "diversity", "seconds_per_image", "peak_memory_mb", "unet_calls")
 
 

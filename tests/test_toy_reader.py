@@ -13,7 +13,7 @@ def test_footprint_is_the_blurred_shape():
     for image, a in zip(images, attrs):
         f = world.footprint(a)
         assert f.shape == (world.SIZE, world.SIZE) and f.min() >= 0 and f.max() <= 1 + 1e-9
-        assert f.sum() == pytest.approx(world._coverage(a).sum(), rel=1e-6)  # blur moves mass, keeps it
+        assert f.sum() == pytest.approx(world.coverage(a).sum(), rel=1e-6)  # blur moves mass, keeps it
         shape_rgb = image[f > 0.95].astype(float).mean(0)
         background = image[f < 1e-3].astype(float).mean(0)
         assert shape_rgb[0] - shape_rgb[1:].max() > 30 and np.ptp(background) < 3  # red on grey

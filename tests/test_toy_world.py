@@ -62,7 +62,7 @@ def plain(shape, **kw):
 @pytest.mark.parametrize("shape", world.SHAPES)
 def test_rendered_geometry(shape):
     a = plain(shape, cx=15.3, cy=16.6)
-    cov = world._coverage(a)
+    cov = world.coverage(a)
     ys, xs = np.mgrid[0:32, 0:32]
     # The centroid of the drawn area is the shape's centroid (for the triangle: its circumcentre).
     assert abs((cov * xs).sum() / cov.sum() - a.cx) < 0.1 and abs((cov * ys).sum() / cov.sum() - a.cy) < 0.1
@@ -88,7 +88,7 @@ def test_colour_background_and_noise():
 
 
 def test_blur_spreads_edges_and_keeps_mass():
-    sharp = world._coverage(plain("square"))[..., None] * 100.0
+    sharp = world.coverage(plain("square"))[..., None] * 100.0
     blurred = world._gaussian_blur(sharp, 1.2)
     assert abs(blurred.sum() - sharp.sum()) / sharp.sum() < 0.01  # the square sits far from the border
     assert (blurred > 1).sum() > (sharp > 1).sum()

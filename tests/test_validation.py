@@ -25,7 +25,7 @@ def test_the_validation_set_is_spread_over_its_source(tmp_path):
 def test_metric_names_follow_the_rewards_and_the_world(tmp_path):
     cfg = load_config()
     assert metric_names(cfg)[:2] == ["val/reward/pickscore", "val/reward/clip_score"]
-    assert {"val/pref", "val/acc/all", "val/acc/color"} <= set(metric_names(cfg))
+    assert {"val/pref", "val/acc/all", "val/acc/color", "val/world/misplaced", "val/world/off_world"} <= set(metric_names(cfg))
     (tmp_path / "val.txt").write_text("a photo of a cat\n")
     assert metric_names(load_config(None, [f"data.validation_prompts={tmp_path / 'val.txt'}"])) == ["val/reward/pickscore", "val/reward/clip_score"]
     assert metric_names(load_config(None, ["data.validation_size=0"])) == []

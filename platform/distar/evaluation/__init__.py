@@ -7,6 +7,9 @@ seed + i) and is measured the same way:
   score, HPSv2.1, ImageReward, aesthetic, ...), on the images as generated.
 - `pref`, `acc/size|color|shape|position|all`: the shapes-world reader's mean pref and its
   alignment accuracies (distar.evaluation.judges), when every prompt is a shapes-world prompt.
+- `world/misplaced`, `world/off_world`: there too, the world-faithfulness check's mean share of a
+  shape's area that no outline the world draws explains, and the share of images over its
+  tolerance (distar.toy.faithfulness): the reader names the nearest class, this sees the outline.
 - `diversity`: the mean, over the first K prompts, of the RMS pixel distance (pixels in [0, 1])
   between two images of the same prompt from two noise seeds (seed + i and seed + N + i); 0 when
   a model ignores its noise. Needs no network and no model, so it means the same for any family.

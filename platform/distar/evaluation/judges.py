@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 ACCURACIES = ("size", "color", "shape", "position", "all")
+WORLD = ("world/misplaced", "world/off_world")  # the world-faithfulness check's mean share and off-world share
 READER_SIZE = 32  # distar.toy.world.SIZE: the reader reads 32x32 images only
 
 
@@ -24,8 +25,9 @@ def reader_reads(prompts: Sequence[str], resolution: int) -> bool:
 
 
 def reader_metrics() -> list[str]:
-    """What the reader reports: its mean pref and an alignment accuracy per attribute."""
-    return ["pref"] + [f"acc/{k}" for k in ACCURACIES]
+    """What the shapes world's judges report: the reader's mean pref and an alignment accuracy per
+    attribute, and the world-faithfulness check's (distar.toy.faithfulness)."""
+    return ["pref"] + [f"acc/{k}" for k in ACCURACIES] + list(WORLD)
 
 
 def load_reader(prompts: Sequence[str]):
@@ -48,7 +50,7 @@ class Judges:
     batch: int = 64
 
     def score(self, images, prompts: list[str]) -> dict[str, float]:
-        """`reward/<name>` means; with the reader and images of its size, `pref` and `acc/*`."""
+        """`reward/<name>` means; with the reader and images of its size, `pref`, `acc/*` and `world/*`."""
         import torch
 
         out: dict[str, float] = {}
@@ -61,6 +63,10 @@ class Judges:
             reading = self.reader.read(images.cpu())
             out["pref"] = float(np.mean(reading.pref))
             out.update({f"acc/{k}": v for k, v in reading.accuracy(prompts).items()})
+            from distar.toy import faithfulness
+
+            fit = faithfulness.check(images.cpu())
+            out.update(zip(WORLD, (float(fit.misplaced.mean()), float(fit.off_world.float().mean()))))
         return out
 
 

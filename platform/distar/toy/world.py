@@ -147,11 +147,22 @@ def sample_attributes(rng: np.random.Generator, prompt: str | None = None) -> At
     )
 
 
-def _coverage(a: Attributes) -> np.ndarray:
-    """Fraction of each pixel inside the shape, from SUPERSAMPLE^2 sub-pixel tests."""
+def subpixels() -> tuple[np.ndarray, np.ndarray]:
+    """x and y of every sub-pixel sample [32 * SUPERSAMPLE, 32 * SUPERSAMPLE] (pixel centres 0..31)."""
     offsets = (np.arange(SUPERSAMPLE) + 0.5) / SUPERSAMPLE - 0.5
     axis = (np.arange(SIZE)[:, None] + offsets[None, :]).reshape(-1)
     y, x = np.meshgrid(axis, axis, indexing="ij")
+    return x, y
+
+
+def coverage_of(inside: np.ndarray) -> np.ndarray:
+    """Fraction of each pixel [32, 32] inside, from a sub-pixel test laid out as `subpixels`."""
+    return inside.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def coverage(a: Attributes) -> np.ndarray:
+    """Fraction of each pixel inside the shape, from SUPERSAMPLE^2 sub-pixel tests."""
+    x, y = subpixels()
     dx, dy = x - a.cx, y - a.cy
     if a.shape == "circle":
         inside = dx**2 + dy**2 <= a.radius**2
@@ -162,7 +173,7 @@ def _coverage(a: Attributes) -> np.ndarray:
         # below the two upper edges (slope sqrt(3) from the apex) and above the base
         apex = -a.radius
         inside = (dy <= a.radius / 2) & (dy - apex >= math.sqrt(3) * np.abs(dx))
-    return inside.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean(axis=(1, 3))
+    return coverage_of(inside)
 
 
 def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -180,15 +191,21 @@ def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
 
 def footprint(a: Attributes) -> np.ndarray:
     """The shape's share of each pixel [32, 32] after the blur: 1 on the shape, 0 on the background."""
-    return _gaussian_blur(_coverage(a)[..., None], a.blur)[..., 0]
+    return _gaussian_blur(coverage(a)[..., None], a.blur)[..., 0]
 
 
 def render(a: Attributes, rng: np.random.Generator) -> np.ndarray:
     """The uint8 [32, 32, 3] image of one set of attributes (rng draws the clutter noise)."""
+    return paint(a, coverage(a), a.blur, rng)
+
+
+def paint(a: Attributes, cov: np.ndarray, blur: float, rng: np.random.Generator) -> np.ndarray:
+    """A coverage `cov` [32, 32] in a's colour on a's grey, blurred by `blur`, with a's clutter noise:
+    the world's drawing of any outline (`render` passes the world's own)."""
     rgb = np.array(colorsys.hsv_to_rgb(a.hue / 360.0, a.saturation, a.value)) * 255.0
-    cov = _coverage(a)[..., None]
+    cov = cov[..., None]
     img = a.grey * (1 - cov) + rgb[None, None, :] * cov
-    img = _gaussian_blur(img, a.blur)
+    img = _gaussian_blur(img, blur)
     img = img + rng.normal(0.0, a.clutter, size=(SIZE, SIZE, 1)) if a.clutter > 0 else img
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
