@@ -17,6 +17,7 @@ from distar.toy import world
 
 NAME = "eval-generator"  # a registered model of this module's own on the shared server
 RAW = ("reward/pickscore", "reward/clip_score", "pref", "acc/size", "acc/color", "acc/shape", "acc/position", "acc/all", "world/misplaced", "world/off_world",
+       "world/precision", "world/recall", "world/density", "world/coverage",
        "diversity", "seconds_per_image", "peak_memory_mb", "unet_calls")
 
 

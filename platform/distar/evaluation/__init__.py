@@ -10,6 +10,11 @@ seed + i) and is measured the same way:
 - `world/misplaced`, `world/off_world`: there too, the world-faithfulness check's mean share of a
   shape's area that no outline the world draws explains, and the share of images over its
   tolerance (distar.toy.faithfulness): the reader names the nearest class, this sees the outline.
+- `world/precision|recall|density|coverage`, `world/fid`: there too, the images against 4 world
+  renders of each of their prompts (a seed of their own) on the reader's features
+  (distar.evaluation.distribution; FID from 64 images, biased upwards at small N: compare models
+  at the same N). Precision and density fall when images leave the world, recall and coverage
+  when a model collapses onto part of it.
 - `diversity`: the mean, over the first K prompts, of the RMS pixel distance (pixels in [0, 1])
   between two images of the same prompt from two noise seeds (seed + i and seed + N + i); 0 when
   a model ignores its noise. Needs no network and no model, so it means the same for any family.

@@ -13,6 +13,8 @@ import numpy as np
 
 ACCURACIES = ("size", "color", "shape", "position", "all")
 WORLD = ("world/misplaced", "world/off_world")  # the world-faithfulness check's mean share and off-world share
+MANIFOLD = tuple(f"world/{k}" for k in ("precision", "recall", "density", "coverage"))
+WORLD_RENDERS = 4  # world images per prompt that generated ones are compared with
 READER_SIZE = 32  # distar.toy.world.SIZE: the reader reads 32x32 images only
 
 
@@ -24,10 +26,29 @@ def reader_reads(prompts: Sequence[str], resolution: int) -> bool:
     return bool(prompts) and resolution == READER_SIZE and all(world.is_world_prompt(p) for p in prompts)
 
 
-def reader_metrics() -> list[str]:
-    """What the shapes world's judges report: the reader's mean pref and an alignment accuracy per
-    attribute, and the world-faithfulness check's (distar.toy.faithfulness)."""
-    return ["pref"] + [f"acc/{k}" for k in ACCURACIES] + list(WORLD)
+def reader_metrics(n: int) -> list[str]:
+    """What the shapes world's judges report on n images: the reader's mean pref and an alignment
+    accuracy per attribute, the world-faithfulness check's (distar.toy.faithfulness), and the
+    distribution metrics against world renders of the same prompts (FID from FID_MIN images)."""
+    from distar.evaluation.distribution import FID_MIN
+
+    return ["pref"] + [f"acc/{k}" for k in ACCURACIES] + list(WORLD) + list(MANIFOLD) + (["world/fid"] if n >= FID_MIN else [])
+
+
+def world_distribution(reader, images, prompts: Sequence[str]) -> dict[str, float]:
+    """Generated images [N, 3, 32, 32] against WORLD_RENDERS world renders of each of their prompts
+    (a seed of their own), on the reader's features: precision, recall, density, coverage, FID."""
+    from distar.data import HELD_OUT_SEED
+    from distar.evaluation import distribution
+    from distar.toy import world
+    from distar.toy.reader import to_tensor
+
+    renders, _ = world.sample(len(prompts) * WORLD_RENDERS, HELD_OUT_SEED, list(prompts) * WORLD_RENDERS)
+    real, fake = reader.features(to_tensor(renders)), reader.features(images)
+    out = {f"world/{k}": v for k, v in distribution.manifold(real, fake).items()}
+    if len(images) >= distribution.FID_MIN:
+        out["world/fid"] = distribution.frechet(real, fake)
+    return out
 
 
 def load_reader(prompts: Sequence[str]):
@@ -67,6 +88,7 @@ class Judges:
 
             fit = faithfulness.check(images.cpu())
             out.update(zip(WORLD, (float(fit.misplaced.mean()), float(fit.off_world.float().mean()))))
+            out.update(world_distribution(self.reader, images.cpu(), prompts))
         return out
 
 

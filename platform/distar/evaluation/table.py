@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from distar.evaluation.judges import ACCURACIES, WORLD
+from distar.evaluation.judges import ACCURACIES, MANIFOLD, WORLD
 from distar.evaluation.subjects import Subject
 
 # Table headings; metrics not listed here are shown under their own names.
 HEADINGS = {
     "pref": "pref", "diversity": "diversity", "seconds_per_image": "s/image", "peak_memory_mb": "peak MB", "unet_calls": "UNet calls",
     **{f"acc/{k}": f"acc {k}" for k in ACCURACIES}, "world/misplaced": "misplaced", "world/off_world": "off-world",
+    "world/fid": "FID (world)", **{k: k.removeprefix("world/") for k in MANIFOLD},
 }
 
 
@@ -25,7 +26,7 @@ def columns(subjects: Sequence[Subject]) -> list[str]:
     """Metric keys in table order: rewards, reader, diversity, cost."""
     keys = list(dict.fromkeys(k for s in subjects for k in s.metrics))  # first seen first: rewards in config order
     order = [k for k in keys if k.startswith("reward/")]
-    order += [k for k in ("pref", *(f"acc/{a}" for a in ACCURACIES), *WORLD, "diversity", "seconds_per_image", "peak_memory_mb", "unet_calls") if k in keys]
+    order += [k for k in ("pref", *(f"acc/{a}" for a in ACCURACIES), *WORLD, "world/fid", *MANIFOLD, "diversity", "seconds_per_image", "peak_memory_mb", "unet_calls") if k in keys]
     return order + [k for k in keys if k not in order]
 
 

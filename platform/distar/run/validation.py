@@ -27,7 +27,7 @@ def metric_names(cfg: RunConfig) -> list[str]:
         return []
     names = [f"reward/{r.name}" for r in cfg.rewards]
     if reader_reads(prompts, cfg.model.resolution):
-        names += reader_metrics()
+        names += reader_metrics(len(prompts))
     return [PREFIX + name for name in names]
 
 

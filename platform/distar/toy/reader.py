@@ -78,6 +78,13 @@ class Reader(nn.Module):
         return {k: head(h) for k, head in self.heads.items()}, self.regress(h)
 
     @torch.no_grad()
+    def features(self, images: Tensor, batch: int = 512) -> Tensor:
+        """images float [N, 3, 32, 32] in [0, 1] -> [N, 256]: what the heads read from, the
+        features the distribution metrics compare (distar.evaluation.distribution)."""
+        self.eval()
+        return torch.cat([self.body(images[i : i + batch] * 2 - 1) for i in range(0, len(images), batch)])
+
+    @torch.no_grad()
     def read(self, images: Tensor, batch: int = 512) -> Reading:
         """images float [N, 3, 32, 32] in [0, 1]."""
         self.eval()
