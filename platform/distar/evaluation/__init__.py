@@ -11,7 +11,7 @@ seed + i) and is measured the same way:
   shape's area that no outline the world draws explains, and the share of images over its
   tolerance (distar.toy.faithfulness): the reader names the nearest class, this sees the outline.
 - `world/precision|recall|density|coverage`, `world/fid`: there too, the images against 4 world
-  renders of each of their prompts (a seed of their own) on the reader's features
+  renders of each of their prompts (the world's sampler at the held-out seed) on the reader's features
   (distar.evaluation.distribution; FID from 64 images, biased upwards at small N: compare models
   at the same N). Precision and density fall when images leave the world, recall and coverage
   when a model collapses onto part of it.

@@ -37,7 +37,8 @@ def reader_metrics(n: int) -> list[str]:
 
 def world_distribution(reader, images, prompts: Sequence[str]) -> dict[str, float]:
     """Generated images [N, 3, 32, 32] against WORLD_RENDERS world renders of each of their prompts
-    (a seed of their own), on the reader's features: precision, recall, density, coverage, FID."""
+    (the world's own sampler at the held-out seed: the same renders for every model), on the
+    reader's features: precision, recall, density, coverage, and FID from FID_MIN images."""
     from distar.data import HELD_OUT_SEED
     from distar.evaluation import distribution
     from distar.toy import world
