@@ -55,7 +55,7 @@ def main() -> int:
     lines.append(row("world renders", to_tensor(images)))
     for kind, strengths in STRENGTHS.items():
         for s in strengths:
-            rng = np.random.default_rng(HELD_OUT_SEED + 2)
+            rng = np.random.default_rng(HELD_OUT_SEED + 2)  # the same attributes and noise at every strength
             images = np.stack([distortions.distorted(kind, s, rng)[0] for _ in range(args.distorted)])
             lines.append(row(f"{kind}: " + WHAT[kind].format(s=s, sigma=world.BLUR[1] * (1 + s)), to_tensor(images)))
 

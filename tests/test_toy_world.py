@@ -48,7 +48,7 @@ def test_centroid_regions_and_canvas(draws):
             "center": 14 <= x <= 18 and 14 <= y <= 18,
         }
         assert inside[a.position], a
-        left, right, up, down = world._extent(a.shape, a.radius)
+        left, right, up, down = world.extent(a.shape, a.radius)
         assert x - left >= 0 and x + right <= 31 and y - up >= 0 and y + down <= 31, a
 
 

@@ -82,14 +82,15 @@ class Judges:
                           for i in range(0, len(prompts), self.batch)]
                 out[f"reward/{name}"] = float(torch.cat(scores).mean())
         if self.reader is not None and tuple(images.shape[-2:]) == (READER_SIZE, READER_SIZE):
-            reading = self.reader.read(images.cpu())
-            out["pref"] = float(np.mean(reading.pref))
-            out.update({f"acc/{k}": v for k, v in reading.accuracy(prompts).items()})
             from distar.toy import faithfulness
 
-            fit = faithfulness.check(images.cpu())
+            images = images.cpu()
+            reading = self.reader.read(images)
+            out["pref"] = float(np.mean(reading.pref))
+            out.update({f"acc/{k}": v for k, v in reading.accuracy(prompts).items()})
+            fit = faithfulness.check(images)
             out.update(zip(WORLD, (float(fit.misplaced.mean()), float(fit.off_world.float().mean()))))
-            out.update(world_distribution(self.reader, images.cpu(), prompts))
+            out.update(world_distribution(self.reader, images, prompts))
         return out
 
 

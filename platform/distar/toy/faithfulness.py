@@ -62,16 +62,6 @@ def colour_differences(images: Tensor) -> Tensor:
     return torch.stack([x[:, 0] - x[:, 1], x[:, 1] - x[:, 2]], dim=1)
 
 
-def _extent(shape: str, r: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """world._extent for a tensor of radii: (left, right, up, down)."""
-    if shape == "circle":
-        return r, r, r, r
-    if shape == "square":
-        return (r / math.sqrt(2),) * 4
-    w = r * math.sqrt(3) / 2
-    return w, w, r, r / 2
-
-
 def _inside_distance(shape: str, dx: Tensor, dy: Tensor, r: Tensor) -> Tensor:
     """Signed distance (px, negative inside) to the shape's edge, as world.coverage draws it."""
     if shape == "circle":
@@ -159,7 +149,7 @@ def _fit_shape(shape: str, d: Tensor, start: Tensor, sizes: list[str], positions
     def limits(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The radius, and where the centroid may be at that radius: lowest x and y, and how far beyond."""
         r = r_lo + torch.sigmoid(u[:, 2]) * (r_hi - r_lo)
-        left, right, up, down = _extent(shape, r)
+        left, right, up, down = world.extent(shape, r)
         lo = torch.stack([torch.maximum(box[:, 0], left), torch.maximum(box[:, 2], up)], dim=1)
         hi = torch.stack([torch.minimum(box[:, 1], world.SIZE - 1 - right), torch.minimum(box[:, 3], world.SIZE - 1 - down)], dim=1)
         return r, lo, (hi - lo).clamp_min(0)
@@ -195,8 +185,8 @@ def _check(d: Tensor, steps: int) -> Fit:
     near = _nearest_positions(centroids)
     n, per_shape = len(d), [(size, i) for size in world.SIZES for i in range(CANDIDATE_POSITIONS)]
     rows = [(k, size, i) for k in range(n) for size, i in per_shape]  # every image against every size and near position
-    fits = [_fit_shape(shape, d[[k for k, _, _ in rows]], centroids[[k for k, _, _ in rows]], [size for _, size, _ in rows],
-                       [near[k][i] for k, _, i in rows], steps) for shape in world.SHAPES]
+    image, sizes, positions = [k for k, _, _ in rows], [size for _, size, _ in rows], [near[k][i] for k, _, i in rows]
+    fits = [_fit_shape(shape, d[image], centroids[image], sizes, positions, steps) for shape in world.SHAPES]
     unexplained = torch.stack([u.reshape(n, len(per_shape)) for u, _ in fits], dim=1).flatten(1)  # [N, shapes x sizes x positions]
     footprints = torch.stack([f.reshape(n, len(per_shape), world.SIZE, world.SIZE) for _, f in fits], dim=1).flatten(1, 2)
     which = unexplained.argmin(dim=1)

@@ -116,8 +116,9 @@ def rater_prefers_first(pref_a: np.ndarray, pref_b: np.ndarray, rng: np.random.G
     return rng.random(p.shape) < p
 
 
-def _extent(shape: str, r: float) -> tuple[float, float, float, float]:
-    """How far the shape reaches from its centroid: (left, right, up, down) in px."""
+def extent(shape: str, r):
+    """How far the shape reaches from its centroid: (left, right, up, down) in px (r a float, or a
+    tensor of radii)."""
     if shape == "circle":
         return r, r, r, r
     if shape == "square":
@@ -135,7 +136,7 @@ def sample_attributes(rng: np.random.Generator, prompt: str | None = None) -> At
     else:
         size, color, shape, position = parse_prompt(prompt)
     r = rng.uniform(*SIZES[size])
-    left, right, up, down = _extent(shape, r)
+    left, right, up, down = extent(shape, r)
     x_lo, x_hi, y_lo, y_hi = REGIONS[position]
     cx = rng.uniform(max(x_lo, left), min(x_hi, SIZE - 1 - right))
     cy = rng.uniform(max(y_lo, up), min(y_hi, SIZE - 1 - down))
