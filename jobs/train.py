@@ -57,7 +57,10 @@ def train(args) -> None:
     # the MLflow run FAILED, registering nothing.
     with claimed(cfg, restart=args.restart), TrainingRun(cfg, job_id()) as tracked:
         print(f"MLflow: {tracked.link()}", flush=True)
-        version = tracked.register(train(cfg, tracked.target).exported())
+        outcome = train(cfg, tracked.target)
+        if outcome.guard:  # the guard chose which generator to export
+            print(f"guard: {outcome.guard}")
+        version = tracked.register(outcome.exported())
     print(f"registered {version.name} version {version.version} (alias candidate): models:/{version.name}@candidate")
 
 

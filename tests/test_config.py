@@ -83,6 +83,12 @@ BAD = [
     ("reward-unknown-name", "rewards:\n- {name: dalle_score, source: x}\n", [], "rewards.0.name"),
     ("reward-second-bad", "rewards:\n- {name: pickscore, source: x}\n- {name: hpsv2, source: x, weight: -2}\n", [], "rewards.1.weight"),
     ("reward-duplicate-names", "rewards:\n- {name: hpsv2, source: a}\n- {name: hpsv2, source: b}\n", [], "rewards"),
+    # the guard
+    ("guard-without-judges", None, ["run.guard.enabled=true"], "run.guard.enabled"),
+    ("guard-without-validation", None, ["run.guard.enabled=true", "run.guard.judges={acc/all: 0.1}", "data.validation_size=0"], "run.guard.enabled"),
+    ("guard-on-a-trained-reward", None, ["run.guard.judges={reward/pickscore: 0.1}"], "run.guard.judges.reward/pickscore"),
+    ("guard-negative-margin", None, ["run.guard.judges={acc/all: -0.1}"], "run.guard.judges.acc/all"),
+    ("guard-action-unknown", None, ["run.guard.action=restart"], "run.guard.action"),
     # literals
     ("divergence-js", None, ["objective.divergence=js"], "objective.divergence"),
     ("cfg-placement-middle", None, ["objective.cfg_placement=middle"], "objective.cfg_placement"),

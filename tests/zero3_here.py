@@ -27,6 +27,7 @@ def deepspeed_here(_gloo_rank, monkeypatch):
     """The in-process runtime with the Ray runtime's DeepSpeed engines in place of AdamW; returns
     its class. The rank's variables are set while the test runs only (ZeRO-3 reads them in forwards)."""
     from distar.cluster import engines
+    from distar.run import guard
     from distar.run.in_process import InProcess
 
     for name, value in RANK_ENV.items():
@@ -34,14 +35,19 @@ def deepspeed_here(_gloo_rank, monkeypatch):
 
     class DeepSpeedHere(InProcess):
         def updates(self, generator, fake, timing):
-            self.engines = [engines.engine_for(generator, self.cfg, self.cfg.optim.generator),
-                            engines.engine_for(fake, self.cfg, self.cfg.optim.fake_score)]
-            for engine in self.engines:
+            self.engines = {"generator": engines.engine_for(generator, self.cfg, self.cfg.optim.generator),
+                            "fake_score": engines.engine_for(fake, self.cfg, self.cfg.optim.fake_score)}
+            for engine in self.engines.values():
                 engines.time_zero(engine, timing)
-            return tuple(engines.EngineUpdate(e) for e in self.engines)
+            return tuple(engines.EngineUpdate(e) for e in self.engines.values())
 
-        @staticmethod
-        def all_ranks_agree(ok: bool) -> bool:
-            return engines.all_ranks_agree(ok)
+        def snapshot(self):  # as distar.cluster.train_worker.RayTrain keeps the guard's generator
+            engines.save_all(self.engines, str(guard.folder(self.cfg)))
+
+        def rewind(self):
+            engines.load_all(self.engines, str(guard.folder(self.cfg)))
+
+        all_ranks_agree = staticmethod(engines.all_ranks_agree)
+        gathered = staticmethod(engines.gathered)
 
     return DeepSpeedHere

@@ -28,6 +28,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
+class GuardSection(Section):
+    enabled: bool = Field(False, description="Watch held-out judges at every validation and export the kept generator (distar.run.guard).")
+    judges: dict[str, NonNegative] = Field(default_factory=dict, description="Held-out val/* metrics (no `val/`) to their margins: {world/misplaced: 0.02}.")
+    patience: int = Field(2, ge=1, description="Validations in a row with the training reward up and a judge fallen that trip the guard.")
+    action: Literal["stop", "rollback"] = Field("stop", description="On a trip: stop with the kept generator, or roll back to it and train on.")
+    max_rollbacks: int = Field(2, ge=0, description="Rollbacks before a trip stops the run.")
+
+
 class RunSection(Section):
     name: str = Field("toy", min_length=1, description="Run name; also the MLflow run name.")
     seed: int = Field(0, ge=0, description="Seed for noise, timesteps, prompt order and initialisation.")
@@ -41,6 +49,7 @@ class RunSection(Section):
     checkpoint_every: int = Field(250, ge=1, description="Checkpoint both networks, optimiser states, step and RNG every N updates (and at the end).")
     max_consecutive_skips: int = Field(10, ge=1, description="Stop the run after this many updates in a row skipped for a non-finite loss, reward "
                                        "or gradient (no checkpoint is written at the stop: the last one holds the state before it).")
+    guard: GuardSection = Field(default_factory=GuardSection, description="The guard against reward hacking (distar.run.guard).")
 
 
 class ModelSection(Section):
@@ -183,6 +192,11 @@ class RunConfig(Section):
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"rewards: names must be unique (metrics are keyed by name), got {names}")
+        guard, trained = self.run.guard, [f"reward/{r.name}" for r in self.rewards if r.weight > 0]
+        if guard.enabled and not (guard.judges and self.data.validation_size):
+            raise ValueError("run.guard.enabled: the guard watches held-out judges at validations; it needs run.guard.judges and data.validation_size > 0")
+        for name in set(guard.judges) & set(trained):
+            raise ValueError(f"run.guard.judges.{name}: this reward is trained (weight > 0), not held out; give it weight 0 or watch another judge")
         return self
 
 
@@ -201,9 +215,8 @@ def _format(err: ValidationError) -> str:
             lines.append(msg)
             continue
         path = ".".join(str(p) for p in e["loc"])
-        got = "" if e["type"] == "missing" else f" (got {redact(repr(e['input']))})"
-        if len(got) > 80 or isinstance(e["input"], dict):
-            got = ""
+        got = "" if e["type"] == "missing" or isinstance(e["input"], dict) else f" (got {redact(repr(e['input']))})"
+        got = got if len(got) <= 80 else ""
         lines.append(f"{path}: {msg}{got}")
     return "\n".join(lines)
 
@@ -282,7 +295,6 @@ def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(safe_tree(cfg.model_dump(mode="json")), sort_keys=False)
 
 
-
 def absolute_paths(cfg: RunConfig) -> RunConfig:
     """The config with its local paths absolute: trainer workers and pool replicas run in other
     working directories, and a checkpoint's config must name the same files wherever it resumes."""
@@ -291,11 +303,8 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     if cfg.run.storage_path and not storage.is_s3(cfg.run.storage_path):
         tree["run"]["storage_path"] = str(Path(cfg.run.storage_path).expanduser().resolve())
     local = lambda v: v is not None and v not in BUILT_IN_SOURCES and Path(v).expanduser().exists()  # noqa: E731
-    for section, key in (("data", "prompts"), ("data", "validation_prompts"), ("model", "reference"), ("model", "generator_init")):
-        if local(tree[section][key]):
-            tree[section][key] = str(Path(tree[section][key]).expanduser().resolve())
-    for reward in tree["rewards"]:
-        for key in ("source", "processor"):
-            if local(reward[key]):
-                reward[key] = str(Path(reward[key]).expanduser().resolve())
+    places = [(tree[s], k) for s, k in (("data", "prompts"), ("data", "validation_prompts"), ("model", "reference"), ("model", "generator_init"))]
+    for node, key in places + [(reward, k) for reward in tree["rewards"] for k in ("source", "processor")]:
+        if local(node[key]):
+            node[key] = str(Path(node[key]).expanduser().resolve())
     return RunConfig.model_validate(tree)

@@ -76,6 +76,19 @@ class EngineUpdate:
         return float(norm) if norm is not None else float("nan")
 
 
+def save_all(engines: dict, folder: str) -> None:
+    """Each engine's weights and optimiser state under its tag. Collective: every rank writes its
+    shards (and rank 0 the module states) into the folder it is given."""
+    for tag, engine in engines.items():
+        engine.save_checkpoint(folder, tag=tag, save_latest=False)
+
+
+def load_all(engines: dict, folder: str) -> None:
+    """What save_all wrote, back into the engines (collective)."""
+    for tag, engine in engines.items():
+        engine.load_checkpoint(folder, tag=tag)
+
+
 def all_ranks_agree(ok: bool) -> bool:
     """True on every rank if `ok` is True on every rank."""
     import torch.distributed as dist

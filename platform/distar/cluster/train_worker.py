@@ -23,12 +23,11 @@ from distar.cluster.calls import PoolClients
 from distar.cluster.metrics import TrainerMetrics
 from distar.config import RunConfig
 from distar.roles.trainer import Update
+from distar.run import guard
 from distar.run.loop import RunLoop
 from distar.run.resume import STATE_FILE, write_state
 from distar.run.runtime import Outcome, Progress
 from distar.run.timing import StepParts
-
-NETWORKS = ("generator", "fake_score")  # each engine's tag in a checkpoint
 
 
 class RayTrain:
@@ -44,7 +43,7 @@ class RayTrain:
         self.metrics = TrainerMetrics(cfg.run.name)
         timeouts = (cfg.cluster.reward_pool.request_timeout_s, cfg.cluster.reference_pool.request_timeout_s)
         self.clients = PoolClients(reward_handle, reference_handle, self.metrics.request_done, timeouts, apps)
-        self.engines: dict = {}
+        self.engines: dict = {}  # by their tag in a checkpoint
 
     def pools(self, cfg: RunConfig, parts):
         return self.clients.score_rewards, self.clients.query_reference
@@ -62,17 +61,21 @@ class RayTrain:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as d:
-            for tag in NETWORKS:
-                self.engines[tag].load_checkpoint(d, tag=tag)
+            engines.load_all(self.engines, d)
             return Progress(**json.loads((Path(d) / STATE_FILE).read_text()))
 
     def save(self, progress: Progress, report: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as d:  # one per rank; Ray merges them into one checkpoint
-            for tag in NETWORKS:
-                self.engines[tag].save_checkpoint(d, tag=tag)
+            engines.save_all(self.engines, d)
             if self.rank == 0:
                 write_state(Path(d), dataclasses.asdict(progress), self.cfg)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def snapshot(self) -> None:
+        engines.save_all(self.engines, str(guard.folder(self.cfg)))  # one folder all ranks write into
+
+    def rewind(self) -> None:
+        engines.load_all(self.engines, str(guard.folder(self.cfg)))
 
     def report(self, report: dict[str, float]) -> None:
         """Only rank 0's report reaches the driver and Tune; every rank reports (a barrier)."""

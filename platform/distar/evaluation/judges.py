@@ -16,6 +16,12 @@ WORLD = ("world/misplaced", "world/off_world")  # the world-faithfulness check's
 MANIFOLD = tuple(f"world/{k}" for k in ("precision", "recall", "density", "coverage"))
 WORLD_RENDERS = 4  # world images per prompt that generated ones are compared with
 READER_SIZE = 32  # distar.toy.world.SIZE: the reader reads 32x32 images only
+LOWER_IS_BETTER = ("world/misplaced", "world/off_world", "world/fid")  # of every other judge, higher is better
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether the smaller value of a judge's metric is the better one (with or without a prefix: val/world/fid)."""
+    return metric.endswith(LOWER_IS_BETTER)
 
 
 def reader_reads(prompts: Sequence[str], resolution: int) -> bool:

@@ -41,10 +41,24 @@ def check_inputs(cfg: RunConfig) -> None:
         if m.generator_init is not None:
             sources.resolve(m.generator_init, m.family, cache_dir(), "model.generator_init", fetch=False, files="unet")
         check_rewards(cfg)
+        check_guard(cfg)
     except ConfigError:
         raise
     except UserError as e:  # a value of the config names what cannot be read
         raise ConfigError(e.message) from None
+
+
+def check_guard(cfg: RunConfig) -> None:
+    """Every judge the guard watches is a validation metric this run reports."""
+    from distar.evaluation.distribution import FID_MIN
+    from distar.run.validation import metric_names
+
+    reported = [m.removeprefix("val/") for m in metric_names(cfg)]
+    for name in cfg.run.guard.judges if cfg.run.guard.enabled else ():
+        if name == "world/fid" and name not in reported and "world/precision" in reported:  # the shapes world, too few images
+            raise ConfigError(f"run.guard.judges.{name}: FID needs at least {FID_MIN} validation images; data.validation_size is {cfg.data.validation_size}")
+        if name not in reported:
+            raise ConfigError(f"run.guard.judges.{name}: not a validation metric of this run; it reports {', '.join(reported)}")
 
 
 def check_rewards(cfg: RunConfig) -> None:

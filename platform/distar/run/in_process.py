@@ -23,7 +23,7 @@ from distar import storage
 from distar.config import OptimizerSpec, RunConfig
 from distar.errors import UserError
 from distar.roles.trainer import Later, Update
-from distar.run import build
+from distar.run import build, guard
 from distar.run.loop import RunLoop
 from distar.run.resume import STATE_FILE, write_state
 from distar.run.runtime import Outcome, Progress
@@ -128,18 +128,31 @@ class InProcess:
             return None
         with tempfile.TemporaryDirectory() as d:
             self.checkpoints.read(names[-1], Path(d))
-            for name, update in self.networks.items():
-                state = torch.load(Path(d) / f"{name}.pt", weights_only=True)
-                update.module.load_state_dict(state["module"])
-                update.opt.load_state_dict(state["optimizer"])
+            self._read(Path(d))
             return Progress(**json.loads((Path(d) / STATE_FILE).read_text()))
 
     def save(self, progress: Progress, report: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as d:
-            for name, update in self.networks.items():
-                torch.save({"module": update.module.state_dict(), "optimizer": update.opt.state_dict()}, Path(d) / f"{name}.pt")
+            self._write(Path(d))
             write_state(Path(d), dataclasses.asdict(progress), self.cfg)
             self.checkpoints.write(Path(d), progress.step)
+
+    def snapshot(self) -> None:
+        guard.folder(self.cfg).mkdir(parents=True, exist_ok=True)
+        self._write(guard.folder(self.cfg))
+
+    def rewind(self) -> None:
+        self._read(guard.folder(self.cfg))
+
+    def _write(self, folder: Path) -> None:
+        for name, update in self.networks.items():
+            torch.save({"module": update.module.state_dict(), "optimizer": update.opt.state_dict()}, folder / f"{name}.pt")
+
+    def _read(self, folder: Path) -> None:
+        for name, update in self.networks.items():
+            state = torch.load(folder / f"{name}.pt", weights_only=True)
+            update.module.load_state_dict(state["module"])
+            update.opt.load_state_dict(state["optimizer"])
 
     def report(self, report: dict[str, float]) -> None:
         """Nobody watches an in-process run but its records."""

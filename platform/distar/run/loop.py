@@ -4,6 +4,8 @@
     start    resume from the latest checkpoint, or grid and validate the untrained generator
     step     K fake-score updates and one generator update; its record and step line; validation,
              reports and checkpoints at their cadence; the stop rule
+    guard    with run.guard on, held-out judges watched at each validation (distar.run.guard): the
+             kept generator snapshotted, rolled back to, and in the end the one exported
     end      the before/after grid and the exported generator, or why the run stopped
 
 Rank r of W trains on rows [r*B, (r+1)*B) of a global batch of W*B prompts. All ranks draw the
@@ -27,6 +29,7 @@ from distar.images import grid, save_png
 from distar.models.diffusion import export_generator
 from distar.roles.trainer import Shard, TrainerStep
 from distar.run import build
+from distar.run.guard import Guard
 from distar.run.record import RunRecord, StepLine, grid_prompts, sample_images, validation_line
 from distar.run.runtime import Outcome, Progress, Runtime
 from distar.run.timing import StepParts
@@ -62,6 +65,8 @@ class RunLoop:
         self.shown = grid_prompts(prompts)
         self.out = Path(cfg.run.output_dir)
         self.writer = runtime.rank == 0
+        self.guard: Guard | None = None
+        self.at_kept = False  # the networks are the guard's kept ones (just snapshotted or rewound)
 
     @property
     def generator(self):
@@ -78,6 +83,8 @@ class RunLoop:
         progress = self.runtime.restore()
         if progress is not None:
             rng.set_state(torch.tensor(progress.rng, dtype=torch.uint8))
+        if cfg.run.guard.enabled:
+            self.guard = Guard(cfg.run.guard, cfg.rewards, progress.guard if progress is not None else None)
         if self.writer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(to_yaml(cfg))
@@ -91,18 +98,19 @@ class RunLoop:
                 if validation.enabled:
                     progress.validation = validation(self.generator)
                     record.validated(0, progress.validation)
+                    self.watch(progress, record)
             else:  # the first attempt recorded the start; no before/after grid
                 before = None
                 if self.writer:
                     self.log(f"resuming from the checkpoint at step {progress.step}")
             self.recorded = self.last_recorded_step()
             stopped = self.steps(progress, rng, record, validation)
-            after = record.grid(cfg.run.steps) if stopped is None else None
+            after = record.grid(progress.step) if stopped is None else None
         finally:
             record.close()
         if stopped is not None:
             return Outcome(progress.step, stopped=stopped)
-        return Outcome(progress.step, generator=self.export(before, after))
+        return Outcome(progress.step, generator=self.export(before, after), guard=self.guard_note())
 
     def steps(self, progress: Progress, rng: torch.Generator, record: RunRecord, validation: Validation) -> str | None:
         """Train until run.steps; returns why the run stopped early, or None."""
@@ -113,6 +121,7 @@ class RunLoop:
             start = time.perf_counter()
             values = self.trainer.step(self.sampler.batch(progress.step), rng)
             seconds = time.perf_counter() - start
+            self.at_kept, guarded = False, False
             with self.timing.part("loop"):
                 parts = self.timing.take()  # this step's parts and the previous step's loop work: the time between two steps
                 skipped = bool(values["skipped"])
@@ -133,11 +142,46 @@ class RunLoop:
                         record.validated(progress.step, progress.validation)
                     if self.writer:
                         self.log(validation_line(progress.step, progress.validation))
+                    guarded = self.watch(progress, record)
                 stopped = self.stop_rule(progress)
-                self.keep(progress, rng, {**values, "step": progress.step, "applied": progress.applied}, parts, validation, stopping=stopped is not None)
+                self.keep(progress, rng, {**values, "step": progress.step, "applied": progress.applied}, parts, validation,
+                          stopping=stopped is not None or guarded)
             if stopped is not None:
                 return stopped
+            if guarded:
+                return None
         return None
+
+    def watch(self, progress: Progress, record: RunRecord) -> bool:
+        """The guard's turn after a validation; True when it stops the run. Rank 0 judges, and every
+        rank keeps or loads the networks (collectives) on rank 0's word. At the end, at a stop and
+        after a rollback the networks are the kept ones, and so are the reported val/* values."""
+        if self.guard is None:
+            return False
+        verdict = self.guard.observe(progress.step, progress.validation) if self.writer else None
+        told = lambda bit: self.runtime.all_ranks_agree(True if verdict is None else bit)  # noqa: E731  (rank 0's bit on every rank)
+        if told(verdict and verdict.keep):
+            self.runtime.snapshot()
+            self.at_kept = True
+        rollback, stop = told(verdict and verdict.action == "rollback"), told(verdict and verdict.action == "stop")
+        if verdict is not None and verdict.reason:
+            self.log(f"guard: {verdict.reason}")
+        if rollback or ((stop or progress.step == self.cfg.run.steps) and not self.at_kept):
+            self.runtime.rewind()
+            self.at_kept = True
+        if self.writer:
+            if self.at_kept:
+                progress.validation = dict(self.guard.state.kept_values)
+            progress.guard = self.guard.saved()
+            record.note("distar.guard", self.guard_note())
+        return stop
+
+    def guard_note(self) -> str | None:
+        """Which generator the guard kept, and each time it tripped (rank 0's)."""
+        if self.guard is None or not self.writer:
+            return None
+        s = self.guard.state
+        return "\n".join([f"kept the generator of step {s.kept_step} (training reward {s.kept_reward:.4g})", *s.trips])
 
     def last_recorded_step(self) -> int:
         """The last step in the metrics file (rank 0's; other ranks record nothing), which is cut

@@ -88,6 +88,11 @@ class RunRecord:
             self.logger.step(step, values)
             self.logger.flush()
 
+    def note(self, key: str, text: str) -> None:
+        """A tag on the run (what the MLflow UI shows beside its metrics)."""
+        if self.logger is not None:
+            self.logger.client.set_tag(self.logger.target.run_id, key, text)
+
     def close(self) -> None:
         if self.logger is not None:
             self.logger.close()

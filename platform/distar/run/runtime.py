@@ -37,6 +37,7 @@ class Progress:
     rng: list[int] | None = None  # the noise generator's state
     validations: int = 0  # validations since training began: Tune's scheduler counts time in them
     validation: dict[str, float] = field(default_factory=dict)  # the latest val/* values, in every report
+    guard: dict = field(default_factory=dict)  # the guard's state (distar.run.guard.GuardState), rank 0's
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Outcome:
     step: int
     generator: Path | None = None
     stopped: str | None = None
+    guard: str | None = None  # which generator the guard exported, and why
 
     def exported(self) -> Path:
         """The exported generator folder; a run that stopped early fails here, with its reason."""
@@ -77,6 +79,12 @@ class Runtime(Protocol):
 
     def save(self, progress: Progress, report: dict[str, float]) -> None:
         """Checkpoint the networks, optimiser states and progress (every rank takes part)."""
+
+    def snapshot(self) -> None:
+        """Keep the networks and optimiser states as the guard's kept generator (every rank takes part)."""
+
+    def rewind(self) -> None:
+        """Load the guard's kept generator back (every rank takes part)."""
 
     def report(self, report: dict[str, float]) -> None:
         """Tell whoever watches the run (Tune's scheduler) the latest values."""

@@ -1,0 +1,139 @@
+"""The guard against reward hacking (run.guard): its rule on validation values, and runs it
+stops or rolls back, in one process and on DeepSpeed engines, exporting the kept generator."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from distar.config import GuardSection, load_config
+from distar.run.guard import Guard
+from distar.run.loop import RunLoop
+
+REWARDS = load_config().rewards  # pickscore (weight 1) and clip_score (weight 0.1): the training reward is their weighted sum
+SPEC = GuardSection(enabled=True, judges={"world/misplaced": 0.02, "acc/all": 0.1}, patience=2)
+
+
+def values(pickscore: float, misplaced: float, acc: float = 0.5) -> dict[str, float]:
+    return {"val/reward/pickscore": pickscore, "val/reward/clip_score": 0.0, "val/world/misplaced": misplaced, "val/acc/all": acc}
+
+
+def test_the_kept_generator_is_the_best_rewarded_one_whose_judges_have_not_fallen():
+    guard = Guard(SPEC, REWARDS)
+    assert guard.observe(0, values(1.0, 0.10)).keep  # the untrained generator: kept by definition
+    assert guard.observe(100, values(2.0, 0.11)).keep  # misplaced worse by 0.01, inside its margin
+    assert not guard.observe(200, values(1.5, 0.10)).keep  # healthy, but less reward than the kept one
+    assert guard.observe(300, values(2.5, 0.09, acc=0.45)).keep  # acc/all down 0.05 < 0.1
+    assert guard.state.kept_step == 300 and guard.state.kept_reward == pytest.approx(2.5)
+    assert guard.state.best == pytest.approx({"world/misplaced": -0.09, "acc/all": 0.5})  # signed: higher is better
+
+
+def test_the_reward_rising_while_a_judge_falls_trips_it_after_patience_validations():
+    guard = Guard(SPEC, REWARDS)
+    guard.observe(0, values(1.0, 0.10))
+    first = guard.observe(100, values(3.0, 0.15))  # misplaced 0.05 above its best: fallen, with the reward up
+    assert (first.keep, first.action) == (False, None) and guard.state.strikes == 1
+    tripped = guard.observe(200, values(4.0, 0.20))
+    assert (tripped.keep, tripped.action) == (False, "stop")
+    assert tripped.reason.startswith("at step 200 the training reward 4 was above the kept generator's 1 (step 0) while world/misplaced 0.2")
+    assert tripped.reason.endswith("stopped with the generator of step 0") and guard.state.trips == [tripped.reason]
+
+
+def test_a_judge_falling_with_the_reward_is_no_strike_and_a_healthy_validation_ends_a_run_of_strikes():
+    guard = Guard(SPEC, REWARDS)
+    guard.observe(0, values(2.0, 0.10))
+    assert guard.observe(100, values(1.0, 0.30)).action is None and guard.state.strikes == 0  # worse everywhere: not hacking
+    guard.observe(200, values(3.0, 0.30))
+    assert guard.state.strikes == 1
+    guard.observe(300, values(2.5, 0.10))  # healthy but below the kept reward: not kept, strikes end
+    assert guard.state.strikes == 0 and guard.observe(400, values(3.0, 0.30)).action is None
+
+
+def test_a_non_finite_judge_has_fallen():
+    guard = Guard(SPEC, REWARDS)
+    guard.observe(0, values(1.0, 0.10))
+    assert not guard.observe(100, values(2.0, math.nan)).keep and guard.state.strikes == 1
+
+
+def test_rollbacks_end_in_a_stop_after_max_rollbacks():
+    guard = Guard(GuardSection(enabled=True, judges={"acc/all": 0.1}, patience=1, action="rollback", max_rollbacks=2), REWARDS)
+    guard.observe(0, values(1.0, 0.1, acc=0.8))
+    actions = [guard.observe(step, values(2.0, 0.1, acc=0.2)).action for step in (100, 200, 300)]
+    assert actions == ["rollback", "rollback", "stop"]
+    assert guard.state.trips[0].endswith("rolled back to step 0 (rollback 1 of 2)")
+
+
+def test_the_guard_state_travels_in_a_checkpoint():
+    """Saved with the progress (JSON) and read back, it decides as the guard that never stopped."""
+    sequence = [values(1.0, 0.1), values(2.0, 0.2), values(3.0, 0.3), values(4.0, 0.4)]
+    straight = Guard(SPEC, REWARDS)
+    verdicts = [straight.observe(i, v) for i, v in enumerate(sequence)]
+    resumed = Guard(SPEC, REWARDS)
+    resumed.observe(0, sequence[0])
+    resumed = Guard(SPEC, REWARDS, json.loads(json.dumps(resumed.saved())))
+    assert [resumed.observe(i, v) for i, v in enumerate(sequence[1:], 1)] == verdicts[1:]
+
+
+# --------------------------------------------------------------------------- runs the guard watches
+
+HACKING = ["objective.alpha=0", "optim.generator.lr=1e-3", "run.steps=40", "run.validate_every=5", "data.batch_size=4",
+           "data.validation_size=16", "run.log_every=100", "run.guard.enabled=true", "run.guard.judges={world/misplaced: 0.02}"]
+
+
+def keeping(runtime_class):
+    """The runtime, noting the generator's weights at each snapshot (what the run must export)."""
+
+    class Keeping(runtime_class):
+        def updates(self, generator, fake, timing=None):
+            self.generator = generator
+            return super().updates(generator, fake, timing)
+
+        def snapshot(self):
+            super().snapshot()
+            with self.gathered(self.generator):
+                self.kept = {k: v.detach().clone() for k, v in self.generator.unet.state_dict().items()}
+
+    return Keeping
+
+
+def exported_equals_kept(folder, kept: dict) -> bool:
+    from diffusers import UNet2DConditionModel
+
+    exported = UNet2DConditionModel.from_pretrained(folder / "unet").state_dict()
+    return exported.keys() == kept.keys() and all(torch.equal(exported[k], kept[k]) for k in kept)
+
+
+@pytest.mark.slow
+def test_a_hacking_run_is_stopped_and_exports_the_kept_generator(tmp_path, mlflow_client):
+    """Rewards alone at a high learning rate: the reader's faithfulness check sees the images leave
+    the world while the reward climbs. The run stops, exports the kept generator and says why in MLflow."""
+    from distar.run.in_process import InProcess
+    from distar.tracking.runs import TrainingRun
+
+    cfg = load_config(None, [*HACKING, f"run.output_dir={tmp_path}", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db"])
+    lines, runtime = [], keeping(InProcess)(cfg)
+    with TrainingRun(cfg) as tracked:
+        outcome = RunLoop(cfg, runtime, log=lines.append).run(tracked.target)
+        tracked.finish()
+    tripped = [line for line in lines if line.startswith("guard: ")]
+    assert len(tripped) == 1 and "stopped with the generator of step" in tripped[0], lines
+    kept_step = int(tripped[0].rsplit(" ", 1)[1])
+    assert outcome.step < 40 and outcome.generator is not None and outcome.guard.startswith(f"kept the generator of step {kept_step} ")
+    assert exported_equals_kept(outcome.generator, runtime.kept)
+    tag = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db").get_run(tracked.run_id).data.tags["distar.guard"]
+    assert tag == outcome.guard and tripped[0].removeprefix("guard: ") in tag
+
+
+@pytest.mark.slow
+def test_on_deepspeed_zero3_a_rollback_reloads_the_kept_state_and_the_end_exports_it(deepspeed_here, tmp_path):
+    """The Ray runtime's engine snapshot (DeepSpeed's own checkpoint, every rank's shards) on one
+    gloo rank: rolled back once, stopped the second time; the export is the kept generator's."""
+    cfg = load_config(None, [*HACKING, f"run.output_dir={tmp_path}", "cluster.zero_stage=3", "run.guard.action=rollback",
+                             "run.guard.max_rollbacks=1", "run.guard.patience=1"])
+    lines, runtime = [], keeping(deepspeed_here)(cfg)
+    outcome = RunLoop(cfg, runtime, log=lines.append).run()
+    tripped = [line for line in lines if line.startswith("guard: ")]
+    assert "rolled back to step" in tripped[0] and "stopped with the generator of step" in tripped[1], lines
+    assert outcome.generator is not None and exported_equals_kept(outcome.generator, runtime.kept)
+    assert all(torch.isfinite(v).all() for v in runtime.kept.values())  # ZeRO-3 gathers under gloo: no NaN crept in
