@@ -23,6 +23,7 @@ def test_the_example_space_parses_into_tune_distributions():
     space = load_space(EXAMPLE)
     assert (space.algorithm, space.num_samples, space.scheduler, space.metric, space.mode) == ("random", 4, "asha", "val/pref", "max")
     assert (space.select_metric, space.select_mode) == ("val/pref", "max")
+    assert space.require == {"val/acc/all": "reference", "val/world/misplaced": "reference"}
     tune_space = space.param_space()
     assert set(tune_space) == {"rewards.0.weight", "rewards.1.weight", "objective.alpha", "objective.cfg_scale"}
     assert tune_space["objective.alpha"].lower == 0.3 and tune_space["objective.alpha"].upper == 3.0
@@ -60,6 +61,10 @@ BAD = [
     ({"scheduler": {"metric": "val/pref", "reduction_factor": 1}}, "space error: scheduler.reduction_factor: expected an integer >= 2"),
     ({"scheduler": {"metric": "val/pref", "kind": "hyperband"}}, "space error: scheduler.kind: expected one of asha, fifo"),
     ({"select": {"mode": "best"}}, "space error: select.mode: expected one of max, min"),
+    ({"select": {"require": {"val/acc/all": "best"}}}, "space error: select.require.val/acc/all: expected a finite number or `reference`"),
+    ({"select": {"require": {"val/acc/all": float("nan")}}}, "space error: select.require.val/acc/all: expected a finite number"),
+    ({"select": {"require": ["val/acc/all"]}}, "space error: select.require: expected a mapping of val/* metrics to bounds"),
+    ({"select": {"require": {"val/world/fid": "reference"}}}, "space error: select.require.val/world/fid: val/world/fid is not reported by this run config"),
     ({"trials": 4}, "space error: trials: unknown section"),
     ({"parameters": {"rewards.0.source": {"choice": ["toy", "tiny-random"]}}}, "space error: parameters.rewards.0.source: every trial shares this field"),
     ({"parameters": {"model.reference": {"choice": ["toy"]}}}, "space error: parameters.model.reference: every trial shares this field"),

@@ -23,7 +23,7 @@ from distar.cluster import session
 from distar.config import RunConfig, absolute_paths
 from distar.errors import RunFailed, UserError
 from distar.run import resume
-from distar.sweep import results
+from distar.sweep import results, selection
 from distar.sweep.space import Space, SpaceError
 from distar.sweep.trial import TrialSetup, child_run, run_trial, trial_config
 from distar.tracking import registry, store
@@ -252,21 +252,27 @@ def _conclude(cfg: RunConfig, space: Space, parent: TrainingRun, outcomes: list[
     from distar.run.validation import metric_names
 
     metrics = metric_names(cfg)
-    rule = f"best final {space.select_metric} ({space.select_mode}) among completed trials"
-    chosen = results.best(outcomes, space.select_metric, space.select_mode)
+    reference = selection.reference_values(cfg) if selection.REFERENCE in space.require.values() else None
+    limits = selection.bounds(space.require, reference or {})
+    rule = selection.describe(space.select_metric, space.select_mode, space.require, limits)
+    chosen = selection.select(outcomes, space.select_metric, space.select_mode, limits)
     table = folder / "results.md"
-    table.write_text(results.markdown(outcomes, list(space.parameters), metrics, chosen, rule))
-    (folder / "results.csv").write_text(results.to_csv(outcomes, list(space.parameters), metrics))
-    alignment = "val/acc/all" if "val/acc/all" in metrics else ("val/reward/clip_score" if "val/reward/clip_score" in metrics else None)
+    table.write_text(results.markdown(outcomes, list(space.parameters), metrics, chosen, rule, limits, reference))
+    (folder / "results.csv").write_text(results.to_csv(outcomes, list(space.parameters), metrics, limits, reference))
     reward = metrics[0]  # the first configured reward
-    plot = results.pareto_png(outcomes, reward, alignment if alignment != reward else None, chosen, folder / "pareto.png")
+    alignment = next((m for m in ("val/acc/all", "val/reward/clip_score") if m in metrics and m != reward), None)
+    realism = next((m for m in ("val/world/fid", "val/world/misplaced") if m in metrics), None)
+    axes = [m for m in (alignment, realism) if m] + ["divergence"]
+    plot = results.pareto_png(outcomes, reward, axes, chosen, folder / "pareto.png", limits, reference)
     for path in (table, folder / "results.csv", plot):
         parent.client.log_artifact(parent.run_id, str(path))
+    if reference:
+        parent.client.log_batch(parent.run_id, metrics=[_metric(f"reference/{k}", v) for k, v in reference.items()])
     counts = {s: sum(o.status == s for o in outcomes) for s in (results.COMPLETED, results.STOPPED, results.FAILED)}
     parent.client.log_batch(parent.run_id, metrics=[_metric(f"trials/{s.replace(' ', '_')}", c) for s, c in counts.items()])
     log(table.read_text())
     if chosen is None:
-        raise RunFailed(f"no trial completed with a finite {space.select_metric}: nothing registered (see {table})")
+        raise RunFailed(f"no completed trial with a finite {space.select_metric} meets the rule ({rule}): nothing registered (see {table})")
     trial_cfg = trial_config(cfg.model_dump(mode="json"), chosen.params, chosen.trial_id)
     model_uri = parent.client.get_run(chosen.run_id).data.tags[registry.MODEL_URI_TAG]
     version = registry.register_logged(parent.client, model_uri, trial_cfg)

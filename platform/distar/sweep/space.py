@@ -3,7 +3,8 @@ early-stopping scheduler and the rule that picks the best trial.
 
     search:     {algorithm: random | grid | optuna, num_samples: 4, max_concurrent: null, seed: 0}
     scheduler:  {kind: asha | fifo, metric: val/pref, mode: max, grace_period: 1, reduction_factor: 2}
-    select:     {metric: val/pref, mode: max}          # default: the scheduler's metric and mode
+    select:     {metric: val/pref, mode: max,          # default: the scheduler's metric and mode
+                 require: {val/acc/all: reference, val/world/misplaced: 0.15}}  # held-out constraints (sweep/selection.py)
     parameters:
       objective.alpha:  {loguniform: [0.1, 10]}
       rewards.0.weight: {uniform: [0.5, 2.0]}
@@ -76,6 +77,7 @@ class Space:
     reduction_factor: int
     select_metric: str
     select_mode: str
+    require: dict  # select.require: val/* metric -> a number or `reference`
 
     @property
     def trials(self) -> int:
@@ -123,6 +125,19 @@ def _metric(section: dict, name: str, default: str | None) -> str:
     if not isinstance(value, str) or not value.startswith(METRIC_PREFIX) or value == METRIC_PREFIX:
         raise _fail(f"{name}.metric", f"expected a validation metric `{METRIC_PREFIX}<name>` (e.g. val/pref, val/reward/pickscore), got {value!r}")
     return value
+
+
+def _require(section: Any) -> dict:
+    """select.require: each val/* metric bounded by a finite number or `reference`."""
+    from distar.sweep.selection import REFERENCE
+
+    if not isinstance(section, dict):
+        raise _fail("select.require", f"expected a mapping of val/* metrics to bounds, got {type(section).__name__}")
+    for name, bound in section.items():
+        number = isinstance(bound, (int, float)) and not isinstance(bound, bool) and math.isfinite(bound)
+        if not (number or bound == REFERENCE):
+            raise _fail(f"select.require.{name}", f"expected a finite number or `{REFERENCE}` (the reference model's own value), got {bound!r}")
+    return dict(section)
 
 
 def _distribution(path: str, spec: Any) -> Distribution:
@@ -208,8 +223,9 @@ def load_space(path: str | Path, base: str | Path | None = None, overrides: list
     algorithm = _choice(search, "search", "algorithm", "random", ALGORITHMS)
     scheduler = _section(tree, "scheduler", {"kind", "metric", "mode", "grace_period", "reduction_factor"})
     metric, mode = _metric(scheduler, "scheduler", None), _choice(scheduler, "scheduler", "mode", "max", ("max", "min"))
-    select = _section(tree, "select", {"metric", "mode"})
+    select = _section(tree, "select", {"metric", "mode", "require"})
     select_metric, select_mode = _metric(select, "select", metric), _choice(select, "select", "mode", mode, ("max", "min"))
+    require = _require(select.get("require") or {})
 
     raw = tree.get("parameters")
     if not isinstance(raw, dict) or not raw:
@@ -223,6 +239,8 @@ def load_space(path: str | Path, base: str | Path | None = None, overrides: list
         _check_against_config(path, dist, base, overrides, leaves)
     _check_reported(metric, "scheduler.metric", base_cfg)
     _check_reported(select_metric, "select.metric", base_cfg)
+    for name in require:
+        _check_reported(name, f"select.require.{name}", base_cfg)
 
     kinds = {d.kind for d in parameters.values()}
     if algorithm == "grid" and kinds != {"grid"}:
@@ -240,7 +258,7 @@ def load_space(path: str | Path, base: str | Path | None = None, overrides: list
         seed=_int(search, "search", "seed", 0, 0),
         scheduler=_choice(scheduler, "scheduler", "kind", "asha", SCHEDULERS), metric=metric, mode=mode,
         grace_period=_int(scheduler, "scheduler", "grace_period", 1, 1), reduction_factor=_int(scheduler, "scheduler", "reduction_factor", 2, 2),
-        select_metric=select_metric, select_mode=select_mode,
+        select_metric=select_metric, select_mode=select_mode, require=require,
     )
 
 
