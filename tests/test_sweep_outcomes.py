@@ -109,3 +109,18 @@ def test_concluding_again_registers_no_second_candidate(tmp_path):
     again = registry.register_logged(client, logged.model_uri, cfg)  # the sweep crashed before recording it was finished
     assert again.version == first.version and len(client.search_model_versions("name = 'swept'")) == 1
     assert client.get_model_version_by_alias("swept", "candidate").run_id == run.info.run_id
+
+
+def test_trials_write_into_the_parent_runs_store_from_their_own_working_directory(tmp_path, monkeypatch):
+    """Tune runs each trial in a directory of its own: without a store in the config, the default
+    (./mlflow.db) must still mean the driver's database there, not a new one beside the trial."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config()
+    parent_uri = store.resolve(cfg.tracking.mlflow_uri).uri
+    base = runner.trial_base(cfg, parent_uri)
+    (tmp_path / "trial").mkdir()
+    monkeypatch.chdir(tmp_path / "trial")
+    assert store.resolve(base["tracking"]["mlflow_uri"]).uri == parent_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    named = load_config(None, ["tracking.mlflow_uri=http://127.0.0.1:5000"])
+    assert runner.trial_base(named, parent_uri)["tracking"]["mlflow_uri"] == "http://127.0.0.1:5000"  # a named store stays as given

@@ -225,6 +225,14 @@ def _record(folder: Path, record: dict) -> None:
     os.replace(part, folder / STATE_FILE)
 
 
+def trial_base(cfg: RunConfig, parent_uri: str) -> dict:
+    """The config every trial starts from, with the parent run's store named: a trial runs in a
+    working directory of Tune's, where the default store would be another, empty database."""
+    base = cfg.model_dump(mode="json")
+    base["tracking"]["mlflow_uri"] = cfg.tracking.mlflow_uri or parent_uri
+    return base
+
+
 def _trials(cfg: RunConfig, space: Space, parent: TrainingRun, ray_session, n: int, fresh: bool, log) -> list[results.Outcome]:
     """Every trial run to its end with Tune; `ray_session` starts the shared pools (None: each trial its own)."""
     from distar.cluster.pools import start_serve
@@ -236,7 +244,7 @@ def _trials(cfg: RunConfig, space: Space, parent: TrainingRun, ray_session, n: i
     else:
         pools = None
         start_serve()  # each trial deploys its own pools on it
-    setup = TrialSetup(cfg.model_dump(mode="json"), pools, parent.run_id, session.job_id())
+    setup = TrialSetup(trial_base(cfg, parent.uri), pools, parent.run_id, session.job_id())
     if fresh:  # nothing to resume: an earlier attempt's ledger would mislabel these trials
         for name in (TRIALS_FILE, ENDED_FILE):
             (folder / name).unlink(missing_ok=True)
