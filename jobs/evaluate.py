@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_config("run config YAML: its rewards, tracking store and experiment (default: the embedded default run)")
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow store (default: tracking.mlflow_uri, else MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--features", metavar="SOURCE", help="a DINOv2 or CLIP model (folder or hub id) whose features compare each model's images "
+                   "with the reference's: ref/fid, precision, recall, density, coverage (needs --reference and 64 prompts or more)")
     p.add_argument("--out", type=Path, default=Path("evaluation.md"), help="markdown table (default evaluation.md)")
     args = p.parse_args(argv)
     if not args.models and not args.reference:

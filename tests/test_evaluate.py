@@ -19,6 +19,7 @@ NAME = "eval-generator"  # a registered model of this module's own on the shared
 RAW = ("reward/pickscore", "reward/clip_score", "pref", "acc/size", "acc/color", "acc/shape", "acc/position", "acc/all", "world/misplaced", "world/off_world",
        "world/precision", "world/recall", "world/density", "world/coverage",
        "diversity", "seconds_per_image", "peak_memory_mb", "unet_calls")
+AGAINST_REFERENCE = ("ref/precision", "ref/recall", "ref/density", "ref/coverage")  # the models' only; no FID from 8 images
 
 
 def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
@@ -75,6 +76,8 @@ def test_evaluate_logs_one_run_per_model_with_its_values_and_ratios(evaluated):
     for uri in (f"models:/{NAME}/1", f"models:/{NAME}/2"):
         metrics = by_uri[uri].data.metrics
         assert metrics["eval/unet_calls"] == 1
+        # against the reference's samples on the reader's features (8 images: no FID)
+        assert all(0 <= metrics[f"eval/ref/{k}"] <= 1 for k in ("precision", "recall", "coverage")) and "eval/ref/fid" not in metrics
         for k in RAW:
             if base[f"eval/{k}"] != 0:
                 assert metrics[f"eval/ratio/{k}"] == pytest.approx(metrics[f"eval/{k}"] / base[f"eval/{k}"], rel=1e-6), k
@@ -93,7 +96,7 @@ def test_evaluate_prints_and_logs_a_table_of_ratios_from_the_same_runs(evaluated
     headings, rows = table_rows(text)
     assert len(rows) == 3
     assert [row[0] for row in rows] == ["reference toy (4 steps, cfg 4.5) (baseline)", f"{NAME} v1 (toy)", f"{NAME} v2 (toy)"]  # with the training run's name
-    keys = {table.HEADINGS.get(k, k.removeprefix("reward/")): k for k in RAW}
+    keys = {table.HEADINGS.get(k, k.removeprefix("reward/")): k for k in (*RAW, *AGAINST_REFERENCE)}
     assert set(headings[1:]) == set(keys)
     for row, uri in zip(rows[1:], (f"models:/{NAME}/1", f"models:/{NAME}/2")):
         metrics = by_uri[uri].data.metrics
@@ -102,7 +105,7 @@ def test_evaluate_prints_and_logs_a_table_of_ratios_from_the_same_runs(evaluated
             value = float(cell.split()[0])
             assert value == pytest.approx(metrics[f"eval/{k}"], rel=1e-3, abs=1e-12), (uri, k, cell)
             ratio = re.search(r"\(([-+0-9.e]+)x\)", cell)
-            if base[f"eval/{k}"] == 0:
+            if base.get(f"eval/{k}", 0) == 0:  # the reference has no ref/* of its own
                 assert "(n/a)" in cell
             else:
                 assert float(ratio.group(1)) == pytest.approx(metrics[f"eval/{k}"] / base[f"eval/{k}"], rel=1e-2), (uri, k, cell)
@@ -151,11 +154,14 @@ def test_promote_shows_both_versions_side_by_side_then_moves_champion(evaluated)
         ("evaluate.py", ["--model", f"models:/{NAME}/99", "--prompts", "toy"], f"error: models:/{NAME}/99: not in the registry"),
         ("evaluate.py", ["--model", "models:/no-such-model@champion", "--prompts", "toy"], "error: models:/no-such-model@champion: not in the registry"),
         ("evaluate.py", ["--reference", "toy", "--prompts", "/no/such/prompts.txt"], "error: --prompts: '/no/such/prompts.txt' is not a readable file"),
+        ("evaluate.py", ["--reference", "toy", "--prompts", "toy", "--limit", "8", "--features", "/no/such"], "error: --features: FID needs at least 64 images"),
+        ("evaluate.py", ["--model", f"models:/{NAME}/1", "--prompts", "toy", "--features", "/no/such"], "error: --features: the distribution metrics compare"),
         ("promote.py", [NAME, "99"], f"error: {NAME} has no version 99"),
         ("promote.py", ["no-such-model", "1"], "error: no-such-model: no registered model"),
         ("promote.py", ["eval-unevaluated", "1"], "error: eval-unevaluated v1 has no evaluation run"),
     ],
-    ids=["unknown-version", "unknown-model", "missing-prompts", "promote-unknown-version", "promote-unknown-model", "promote-unevaluated"],
+    ids=["unknown-version", "unknown-model", "missing-prompts", "features-too-few", "features-no-reference",
+         "promote-unknown-version", "promote-unknown-model", "promote-unevaluated"],
 )
 def test_bad_input_exits_2_with_one_line(evaluated, script, args, expected):
     client = evaluated.client

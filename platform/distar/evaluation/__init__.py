@@ -15,6 +15,10 @@ seed + i) and is measured the same way:
   (distar.evaluation.distribution; FID from 64 images, biased upwards at small N: compare models
   at the same N). Precision and density fall when images leave the world, recall and coverage
   when a model collapses onto part of it.
+- `ref/precision|recall|density|coverage`, `ref/fid`: with --reference, each model's images
+  against the reference's samples of the same prompts and seeds, on the reader's features in the
+  shapes world or on a feature network named by --features (DINOv2 or CLIP,
+  distar.evaluation.features; it also makes FID required, so it needs 64 prompts or more).
 - `diversity`: the mean, over the first K prompts, of the RMS pixel distance (pixels in [0, 1])
   between two images of the same prompt from two noise seeds (seed + i and seed + N + i); 0 when
   a model ignores its noise. Needs no network and no model, so it means the same for any family.
@@ -63,6 +67,7 @@ class Request:
     overrides: list[str] = field(default_factory=list)
     tracking_uri: str | None = None
     device: str | None = None  # default: cuda when there is one
+    features: str | None = None  # the feature network of the ref/* metrics (distar.evaluation.features)
 
 
 @dataclass
@@ -100,10 +105,25 @@ def run(request: Request, log: Callable[[str], None] = print) -> Report:
     if request.reference == "tiny-random" or any(r.source == "tiny-random" for r in cfg.rewards):
         log("note: tiny-random (untrained) models: the scores show the machinery works, not image quality.")
     judges = load_judges(cfg, prompts, device)
+    versus = _against_reference(request, rows, judges, prompts, device)
     notes = table.notes(evaluation_id, request, prompts, cfg.rewards, baseline, judges, k, device)
     with tracked:
-        text = measure.measure_all(rows, baseline, prompts, request.seed, judges, tracked, notes, k, device, log=log)
+        text = measure.measure_all(rows, baseline, prompts, request.seed, judges, tracked, notes, k, device, log=log, versus=versus)
     return Report(text, rows, tracked)
+
+
+def _against_reference(request: Request, rows: list[Subject], judges, prompts: list[str], device: str) -> measure.AgainstReference | None:
+    """The ref/* metrics' comparison: on --features, else in the shapes world on the reader's features."""
+    from distar.evaluation.distribution import FID_MIN
+    from distar.evaluation.features import load_features
+
+    if request.features is None and (judges.reader is None or not request.reference):
+        return None
+    if not request.reference:
+        raise UserError("--features: the distribution metrics compare each model's images with the reference's samples; add --reference")
+    if request.features is not None and len(prompts) < FID_MIN:
+        raise UserError(f"--features: FID needs at least {FID_MIN} images a set, and {len(prompts)} prompts give {len(prompts)}; evaluate more prompts")
+    return measure.AgainstReference(load_features(request.features, device) if request.features else judges.reader.features, rows[0])
 
 
 def _device(asked: str | None) -> str:

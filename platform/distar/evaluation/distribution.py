@@ -50,3 +50,11 @@ def _kth_neighbour(x: Tensor, k: int) -> Tensor:
     """Each sample's distance to its k-th nearest other sample."""
     d = torch.cdist(x, x)
     return d.topk(k + 1, dim=1, largest=False).values[:, k]  # column 0 is the sample itself
+
+
+def compare(real: Tensor, fake: Tensor) -> dict[str, float]:
+    """`manifold`'s four values, and `fid` (the Frechet distance) when both sets hold FID_MIN images."""
+    out = manifold(real, fake)
+    if min(len(real), len(fake)) >= FID_MIN:
+        out["fid"] = frechet(real, fake)
+    return out

@@ -16,7 +16,7 @@ WORLD = ("world/misplaced", "world/off_world")  # the world-faithfulness check's
 MANIFOLD = tuple(f"world/{k}" for k in ("precision", "recall", "density", "coverage"))
 WORLD_RENDERS = 4  # world images per prompt that generated ones are compared with
 READER_SIZE = 32  # distar.toy.world.SIZE: the reader reads 32x32 images only
-LOWER_IS_BETTER = ("world/misplaced", "world/off_world", "world/fid")  # of every other judge, higher is better
+LOWER_IS_BETTER = ("world/misplaced", "world/off_world", "world/fid", "ref/fid")  # of every other judge, higher is better
 
 
 def lower_is_better(metric: str) -> bool:
@@ -51,11 +51,7 @@ def world_distribution(reader, images, prompts: Sequence[str]) -> dict[str, floa
     from distar.toy.reader import to_tensor
 
     renders, _ = world.sample(len(prompts) * WORLD_RENDERS, HELD_OUT_SEED, list(prompts) * WORLD_RENDERS)
-    real, fake = reader.features(to_tensor(renders)), reader.features(images)
-    out = {f"world/{k}": v for k, v in distribution.manifold(real, fake).items()}
-    if len(images) >= distribution.FID_MIN:
-        out["world/fid"] = distribution.frechet(real, fake)
-    return out
+    return {f"world/{k}": v for k, v in distribution.compare(reader.features(to_tensor(renders)), reader.features(images)).items()}
 
 
 def load_reader(prompts: Sequence[str]):

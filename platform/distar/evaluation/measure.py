@@ -113,8 +113,25 @@ def ratios(metrics: dict[str, float], baseline: dict[str, float]) -> dict[str, f
     return out
 
 
+class AgainstReference:
+    """Each model's images against the reference's samples (the reference is measured first), on
+    a feature network: `ref/precision|recall|density|coverage`, and `ref/fid` from FID_MIN images."""
+
+    def __init__(self, features: Callable, reference: Subject):
+        self.features, self.reference, self.real = features, reference, None
+
+    def __call__(self, subject: Subject, images) -> dict[str, float]:
+        from distar.evaluation import distribution
+
+        if subject is self.reference:
+            self.real = self.features(images)
+            return {}
+        return {f"ref/{k}": v for k, v in distribution.compare(self.real, self.features(images)).items()}
+
+
 def measure_all(subjects: list[Subject], baseline: Subject, prompts: list[str], seed: int, judges: Judges, runs: EvaluationRuns | None,
-             notes: Sequence[str] = (), diversity_prompts: int = 16, device: str = "cpu", log: Callable[[str], None] = print) -> str:
+             notes: Sequence[str] = (), diversity_prompts: int = 16, device: str = "cpu", log: Callable[[str], None] = print,
+             versus: AgainstReference | None = None) -> str:
     """Measure every subject in turn (one model in memory at a time), then the ratios against
     `baseline`; log it all when `runs` is given. Returns the markdown table."""
     for s in subjects:
@@ -126,6 +143,8 @@ def measure_all(subjects: list[Subject], baseline: Subject, prompts: list[str], 
             s.diffusion = (model.steps, model.cfg)
         s.metrics, images = measure_model(model, prompts, seed, judges, diversity_prompts, device)
         del model
+        if versus is not None:
+            s.metrics.update(versus(s, images))
         if runs is not None:
             runs.start(s)
             runs.log_metrics(s, {PREFIX + k: v for k, v in s.metrics.items()})
