@@ -43,15 +43,23 @@ SUMMARY = ("reward/pickscore", "pref", "acc/shape", "acc/all", "world/misplaced"
 
 
 def trained(folder: Path, divergence: str, seed: int) -> Path:
-    """The default run's generator with this divergence and seed; its validations go to validations.jsonl."""
+    """The default run's generator with this divergence and seed (an interrupted training resumes);
+    its validations are appended to validations.jsonl as they come, each step once."""
     generator = folder / "generator"
     if not (generator / "model_index.json").is_file():
         cfg = load_config(None, [f"run.output_dir={folder}", f"objective.divergence={divergence}", f"run.seed={seed}", f"run.name=bench-{divergence}-{seed}"])
-        lines: list[str] = []
-        train(cfg, log=lambda line: (lines.append(line), print(line, flush=True))).exported()
-        validations = [_parsed(line) for line in lines if line.startswith("validation at step ")]
-        (folder / "validations.jsonl").write_text("".join(json.dumps(v) + "\n" for v in validations))
+        train(cfg, log=lambda line: _kept(folder / "validations.jsonl", line)).exported()
     return generator
+
+
+def _kept(path: Path, line: str) -> None:
+    print(line, flush=True)
+    if line.startswith("validation at step "):
+        values = _parsed(line)
+        seen = {json.loads(kept)["step"] for kept in path.read_text().splitlines()} if path.is_file() else set()
+        if values["step"] not in seen:  # a resumed training validates its replayed steps again
+            with path.open("a") as f:
+                f.write(json.dumps(values) + "\n")
 
 
 def _parsed(line: str) -> dict:
