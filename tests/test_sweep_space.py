@@ -64,7 +64,7 @@ BAD = [
     ({"select": {"require": {"val/acc/all": "best"}}}, "space error: select.require.val/acc/all: expected a finite number or `reference`"),
     ({"select": {"require": {"val/acc/all": float("nan")}}}, "space error: select.require.val/acc/all: expected a finite number"),
     ({"select": {"require": ["val/acc/all"]}}, "space error: select.require: expected a mapping of val/* metrics to bounds"),
-    ({"select": {"require": {"val/world/fid": "reference"}}}, "space error: select.require.val/world/fid: val/world/fid is not reported by this run config"),
+    ({"select": {"require": {"val/world/fid": "reference"}}}, "space error: select.require.val/world/fid: val/world/fid needs at least 64 validation images"),
     ({"trials": 4}, "space error: trials: unknown section"),
     ({"parameters": {"rewards.0.source": {"choice": ["toy", "tiny-random"]}}}, "space error: parameters.rewards.0.source: every trial shares this field"),
     ({"parameters": {"model.reference": {"choice": ["toy"]}}}, "space error: parameters.model.reference: every trial shares this field"),

@@ -76,8 +76,10 @@ def test_sigterm_ends_a_run_on_its_own_ray_instance_and_leaves_no_process_behind
         (["--set", "data.prompts=/no/such/prompts.txt"], "config error: data.prompts"),
         (["--set", "data.validation_prompts=/no/such/held_out.txt"], "config error: data.validation_prompts"),
         (["--set", "model.reference=/no/such/model"], "config error: model.reference"),
-        (["--set", "run.guard.enabled=true", "--set", "run.guard.judges={world/sharpness: 0.1}"], "config error: run.guard.judges.world/sharpness: not a validation metric"),
-        (["--set", "run.guard.enabled=true", "--set", "run.guard.judges={world/fid: 5}"], "config error: run.guard.judges.world/fid: FID needs at least 64"),
+        (["--set", "run.guard.enabled=true", "--set", "run.guard.judges={world/sharpness: 0.1}"],
+         "config error: run.guard.judges.world/sharpness: val/world/sharpness is not reported by this run config"),
+        (["--set", "run.guard.enabled=true", "--set", "run.guard.judges={world/fid: 5}"],
+         "config error: run.guard.judges.world/fid: val/world/fid needs at least 64 validation images"),
     ],
 )
 def test_bad_input_exits_2_with_one_clear_message(tmp_path, args, expected, jobs):

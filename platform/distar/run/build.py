@@ -50,15 +50,12 @@ def check_inputs(cfg: RunConfig) -> None:
 
 def check_guard(cfg: RunConfig) -> None:
     """Every judge the guard watches is a validation metric this run reports."""
-    from distar.evaluation.distribution import FID_MIN
-    from distar.run.validation import metric_names
+    from distar.run.validation import PREFIX, unreported
 
-    reported = [m.removeprefix("val/") for m in metric_names(cfg)]
     for name in cfg.run.guard.judges if cfg.run.guard.enabled else ():
-        if name == "world/fid" and name not in reported and "world/precision" in reported:  # the shapes world, too few images
-            raise ConfigError(f"run.guard.judges.{name}: FID needs at least {FID_MIN} validation images; data.validation_size is {cfg.data.validation_size}")
-        if name not in reported:
-            raise ConfigError(f"run.guard.judges.{name}: not a validation metric of this run; it reports {', '.join(reported)}")
+        reason = unreported(cfg, PREFIX + name)
+        if reason:
+            raise ConfigError(f"run.guard.judges.{name}: {reason}")
 
 
 def check_rewards(cfg: RunConfig) -> None:

@@ -146,10 +146,8 @@ class RunLoop:
                 stopped = self.stop_rule(progress)
                 self.keep(progress, rng, {**values, "step": progress.step, "applied": progress.applied}, parts, validation,
                           stopping=stopped is not None or guarded)
-            if stopped is not None:
+            if stopped is not None or guarded:
                 return stopped
-            if guarded:
-                return None
         return None
 
     def watch(self, progress: Progress, record: RunRecord) -> bool:

@@ -91,7 +91,7 @@ class RunRecord:
     def note(self, key: str, text: str) -> None:
         """A tag on the run (what the MLflow UI shows beside its metrics)."""
         if self.logger is not None:
-            self.logger.client.set_tag(self.logger.target.run_id, key, text)
+            self.logger.tag(key, text)
 
     def close(self) -> None:
         if self.logger is not None:

@@ -31,6 +31,20 @@ def metric_names(cfg: RunConfig) -> list[str]:
     return [PREFIX + name for name in names]
 
 
+def unreported(cfg: RunConfig, metric: str) -> str | None:
+    """Why a run of `cfg` does not report the val/* `metric` (what a sweep or guard names), or None if it does."""
+    from distar.evaluation.distribution import FID_MIN
+
+    names = metric_names(cfg)
+    if not names:
+        return f"{metric} needs validation, which the run config turns off (data.validation_size is 0)"
+    if metric in names:
+        return None
+    if metric == f"{PREFIX}world/fid" and f"{PREFIX}world/precision" in names:  # the shapes world, too few images
+        return f"{metric} needs at least {FID_MIN} validation images; data.validation_size is {cfg.data.validation_size}"
+    return f"{metric} is not reported by this run config (it reports {', '.join(names)})"
+
+
 class Validation:
     """`validation(generator)` runs the generator on every rank (ZeRO-3 forwards are collective)
     and returns the val/* values where it can score (`score_rewards` given: rank 0), else {}."""

@@ -180,13 +180,11 @@ def _check_against_config(path: str, dist: Distribution, base: str | Path | None
 
 
 def _check_reported(metric: str, entry: str, cfg: RunConfig) -> None:
-    from distar.run.validation import metric_names
+    from distar.run.validation import unreported
 
-    names = metric_names(cfg)
-    if not names:
-        raise _fail(entry, f"{metric} needs validation, which the run config turns off (data.validation_size is 0)")
-    if metric not in names:
-        raise _fail(entry, f"{metric} is not reported by this run config (it reports {', '.join(names)})")
+    reason = unreported(cfg, metric)
+    if reason:
+        raise _fail(entry, reason)
 
 
 def _near(path: str, leaves: set[str]) -> str:

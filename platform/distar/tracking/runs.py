@@ -145,6 +145,9 @@ class StepLogger:
     def text(self, text: str, name: str) -> None:
         self.client.log_text(self.target.run_id, text, name)
 
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.target.run_id, key, value)
+
     def flush(self) -> None:
         for i in range(0, len(self.pending), 1000):  # MLflow's batch limit
             self.client.log_batch(self.target.run_id, metrics=self.pending[i : i + 1000])
