@@ -2,6 +2,8 @@
 built from configs and saved, loaded through the code that loads published ones; and an
 evaluation that compares a model with the reference on them."""
 
+import math
+
 import pytest
 import torch
 
@@ -64,3 +66,26 @@ def test_an_evaluation_with_features_compares_each_model_with_the_reference(dino
         evaluation.run(evaluation.Request(**common, reference="tiny-random", models=[str(reference)], limit=8), log=lambda line: None)
     with pytest.raises(UserError, match=r"^error: --features: the distribution metrics compare each model's images with the reference's samples"):
         evaluation.run(evaluation.Request(**common, models=[str(reference)]), log=lambda line: None)
+
+
+@pytest.mark.slow
+def test_a_run_validates_against_the_references_samples_on_dinov2(dinov2, tmp_path, monkeypatch):
+    """data.validation_features names a DINOv2 folder: each validation of a real-image run (tiny SD1.5)
+    reports val/ref/* against the reference's samples drawn once at its start, on those features."""
+    from distar.config import load_config
+    from distar.evaluation.subjects import reference_samples
+    from distar.run.in_process import run_loop
+    from distar.run.validation import Validation, metric_names
+
+    monkeypatch.setenv("DISTAR_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "prompts.txt").write_text("\n".join(f"a photo of thing {i}" for i in range(8)) + "\n")
+    cfg = load_config(None, ["model.family=sd15", "model.reference=tiny-random", f"data.prompts={tmp_path / 'prompts.txt'}", "data.batch_size=2",
+                             "data.validation_size=4", "rewards=[{name: clip_score, source: tiny-random}]", f"data.validation_features={dinov2}"])
+    run = run_loop(cfg)
+    validation = Validation(cfg, run.parts, run.latent_shape, run.score_rewards)
+    values = validation(run.trainer.generator)
+    assert sorted(values) == sorted(metric_names(cfg)) == ["val/ref/coverage", "val/ref/density", "val/ref/precision", "val/ref/recall", "val/reward/clip_score"]
+    net = feature_networks.load_features(str(dinov2))
+    assert validation.versus.real == pytest.approx(net(reference_samples(cfg, validation.prompts)), abs=1e-5)
+    assert validation.versus.against(reference_samples(cfg, validation.prompts))["ref/recall"] == 1.0
+    assert all(math.isfinite(v) for v in values.values()) and values == validation(run.trainer.generator)  # the same noise each time

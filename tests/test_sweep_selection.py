@@ -37,6 +37,16 @@ def test_constraints_come_before_the_selection_metric_each_in_its_own_direction(
     assert selection.select(TRIALS, "val/pref", "max", {"val/acc/all": 0.95}) is None
 
 
+def test_a_margin_allows_that_much_worse_than_the_reference_in_each_metrics_direction():
+    require = {"val/acc/all": {"reference": 0.03}, "val/world/misplaced": {"reference": 0.02}, "val/pref": "reference"}
+    limits = selection.bounds(require, REFERENCE)
+    assert limits == pytest.approx({"val/acc/all": 0.75, "val/world/misplaced": 0.19, "val/pref": 1.70})
+    assert selection.needs_reference(require) and not selection.needs_reference({"val/acc/all": 0.5})
+    text = selection.describe("val/pref", "max", require, limits)
+    assert "val/acc/all >= 0.75 (the reference's, 50 steps, worse by at most 0.03)" in text
+    assert "val/pref >= 1.7 (the reference's, 50 steps)," not in text and text.endswith("val/pref >= 1.7 (the reference's, 50 steps)")
+
+
 def test_the_rule_says_each_bound_and_where_it_came_from():
     require = {"val/acc/all": "reference", "val/world/misplaced": 0.2}
     text = selection.describe("val/pref", "max", require, selection.bounds(require, REFERENCE))

@@ -32,6 +32,17 @@ def test_the_example_space_parses_into_tune_distributions():
     assert (cfg.objective.alpha, cfg.rewards[1].weight, cfg.objective.cfg_placement) == (0.5, 0.3, "outside")
 
 
+def test_the_realism_space_bounds_every_attribute_and_the_distribution_near_the_reference():
+    """jobs/configs/toy_realism_sweep.yaml, with the 64 validation prompts its comment says FID needs."""
+    realism = EXAMPLE.with_name("toy_realism_sweep.yaml")
+    space = load_space(realism, None, ["data.validation_size=64", "run.validate_every=250"])
+    assert space.trials == 6 and (space.metric, space.mode, space.select_metric) == ("val/world/fid", "min", "val/pref")
+    assert {f"val/acc/{a}" for a in ("size", "color", "shape", "position")} | {"val/world/fid", "val/world/recall"} <= set(space.require)
+    assert all(bound == {"reference": bound["reference"]} for bound in space.require.values())
+    with pytest.raises(SpaceError, match="val/world/fid needs at least 64 validation images"):
+        load_space(realism)
+
+
 def test_grid_values_become_a_grid_search(tmp_path):
     space = {"search": {"algorithm": "grid"}, "scheduler": {"metric": "val/reward/pickscore"},
              "parameters": {"objective.cfg_placement": {"grid": ["inside", "outside"]}}}
@@ -61,9 +72,13 @@ BAD = [
     ({"scheduler": {"metric": "val/pref", "reduction_factor": 1}}, "space error: scheduler.reduction_factor: expected an integer >= 2"),
     ({"scheduler": {"metric": "val/pref", "kind": "hyperband"}}, "space error: scheduler.kind: expected one of asha, fifo"),
     ({"select": {"mode": "best"}}, "space error: select.mode: expected one of max, min"),
-    ({"select": {"require": {"val/acc/all": "best"}}}, "space error: select.require.val/acc/all: expected a finite number or `reference`"),
+    ({"select": {"require": {"val/acc/all": "best"}}}, "space error: select.require.val/acc/all: expected a finite number, `reference`"),
     ({"select": {"require": {"val/acc/all": float("nan")}}}, "space error: select.require.val/acc/all: expected a finite number"),
+    ({"select": {"require": {"val/acc/all": {"reference": -0.1}}}}, "space error: select.require.val/acc/all: expected a finite number, `reference` "
+     "(the reference model's own value) or {reference: m} (that value worse by at most m >= 0), got {'reference': -0.1}"),
     ({"select": {"require": ["val/acc/all"]}}, "space error: select.require: expected a mapping of val/* metrics to bounds"),
+    ({"select": {"require": {"val/ref/fid": "reference"}}},
+     "space error: select.require.val/ref/fid: this metric already compares with the reference's samples; bound it by a number"),
     ({"select": {"require": {"val/world/fid": "reference"}}}, "space error: select.require.val/world/fid: val/world/fid needs at least 64 validation images"),
     ({"trials": 4}, "space error: trials: unknown section"),
     ({"parameters": {"rewards.0.source": {"choice": ["toy", "tiny-random"]}}}, "space error: parameters.rewards.0.source: every trial shares this field"),

@@ -80,6 +80,11 @@ def test_sigterm_ends_a_run_on_its_own_ray_instance_and_leaves_no_process_behind
          "config error: run.guard.judges.world/sharpness: val/world/sharpness is not reported by this run config"),
         (["--set", "run.guard.enabled=true", "--set", "run.guard.judges={world/fid: 5}"],
          "config error: run.guard.judges.world/fid: val/world/fid needs at least 64 validation images"),
+        (["--set", "data.validation_features=/no/such/dinov2"], "config error: data.validation_features: /no/such/dinov2: not a transformers model folder"),
+        (["--set", "data.validation_features=reader", "--set", "data.validation_size=0"],
+         "config error: data.validation_features: compares validation images with the reference's samples, but validation is off"),
+        (["--set", "data.validation_features=reader", "--set", "model.resolution=64"],
+         "config error: data.validation_features: the reader reads only the shapes world's prompts at 32 px; name a DINOv2 or CLIP model"),
     ],
 )
 def test_bad_input_exits_2_with_one_clear_message(tmp_path, args, expected, jobs):

@@ -1,8 +1,7 @@
 """One pydantic model tree for a whole run, loaded from YAML plus `--set a.b=VALUE` overrides.
 
-Every field is typed and described; unknown keys are refused (`extra="forbid"`). A bad value
-fails here, before any model or Ray process starts, as a ConfigError whose lines each name a
-field path and what was expected.
+Every field is typed and described; unknown keys are refused (`extra="forbid"`). A bad value fails here,
+before any model or Ray process starts, as a ConfigError whose lines each name a field path and what was expected.
 """
 
 from __future__ import annotations
@@ -123,6 +122,7 @@ class DataSection(Section):
     batch_size: int = Field(8, ge=1, description="Prompts per generator update per trainer worker.")
     validation_prompts: str | None = Field(None, min_length=1, description="Validation prompt source (as data.prompts); default: data.prompts. Its noise is not drawn in training.")
     validation_size: int = Field(32, ge=0, description="Validation prompts, spread over the validation source; 0 turns validation off.")
+    validation_features: str | None = Field(None, min_length=1, description="val/ref/*: validation images vs the reference's samples on `reader` or a DINOv2/CLIP folder/hub id.")
 
 
 class PoolSpec(Section):

@@ -48,18 +48,26 @@ class Features:
 
 def load_features(source: str, device: str = "cpu", field: str = "--features") -> Features:
     """The feature network at `source` (a transformers folder or hub id of a DINOv2 or CLIP model)."""
-    from transformers import AutoConfig, CLIPVisionModelWithProjection, Dinov2Model
+    from transformers import CLIPVisionModelWithProjection, Dinov2Model
+
+    config = feature_config(source, field)
+    if config.model_type == "dinov2":
+        return Features(Dinov2Model.from_pretrained(source), "dinov2", min(DINOV2_SIZE, config.image_size), device)
+    vision = config
+    if config.model_type == "clip":  # a whole CLIP model: its vision tower, with the model's projection width
+        vision = config.vision_config
+        vision.projection_dim = config.projection_dim
+    return Features(CLIPVisionModelWithProjection.from_pretrained(source, config=vision), "clip", vision.image_size, device)
+
+
+def feature_config(source: str, field: str):
+    """The transformers config at `source`, refused unless it is a DINOv2 or CLIP model's (reads no weights)."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise UserError(f"{field}: {source}: not a transformers model folder or hub id ({str(e).splitlines()[0]})") from None
-    if config.model_type == "dinov2":
-        return Features(Dinov2Model.from_pretrained(source), "dinov2", min(DINOV2_SIZE, config.image_size), device)
-    if config.model_type in ("clip", "clip_vision_model"):
-        vision = config
-        if config.model_type == "clip":  # a whole CLIP model: its vision tower, with the model's projection width
-            vision = config.vision_config
-            vision.projection_dim = config.projection_dim
-        return Features(CLIPVisionModelWithProjection.from_pretrained(source, config=vision), "clip", vision.image_size, device)
-    raise UserError(f"{field}: {source} holds a {config.model_type} model; distribution features come from a dinov2 or clip model")
+    if config.model_type not in ("dinov2", "clip", "clip_vision_model"):
+        raise UserError(f"{field}: {source} holds a {config.model_type} model; distribution features come from a dinov2 or clip model")
+    return config

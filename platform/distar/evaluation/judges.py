@@ -13,7 +13,7 @@ import numpy as np
 
 ACCURACIES = ("size", "color", "shape", "position", "all")
 WORLD = ("world/misplaced", "world/off_world")  # the world-faithfulness check's mean share and off-world share
-MANIFOLD = tuple(f"world/{k}" for k in ("precision", "recall", "density", "coverage"))
+MANIFOLD = ("precision", "recall", "density", "coverage")  # distar.evaluation.distribution.manifold's
 WORLD_RENDERS = 4  # world images per prompt that generated ones are compared with
 READER_SIZE = 32  # distar.toy.world.SIZE: the reader reads 32x32 images only
 LOWER_IS_BETTER = ("world/misplaced", "world/off_world", "world/fid", "ref/fid")  # of every other judge, higher is better
@@ -36,9 +36,14 @@ def reader_metrics(n: int) -> list[str]:
     """What the shapes world's judges report on n images: the reader's mean pref and an alignment
     accuracy per attribute, the world-faithfulness check's (distar.toy.faithfulness), and the
     distribution metrics against world renders of the same prompts (FID from FID_MIN images)."""
+    return ["pref"] + [f"acc/{k}" for k in ACCURACIES] + list(WORLD) + distribution_metrics("world", n)
+
+
+def distribution_metrics(against: str, n: int) -> list[str]:
+    """`<against>/<metric>` for n generated images: the manifold metrics, and FID from FID_MIN images."""
     from distar.evaluation.distribution import FID_MIN
 
-    return ["pref"] + [f"acc/{k}" for k in ACCURACIES] + list(WORLD) + list(MANIFOLD) + (["world/fid"] if n >= FID_MIN else [])
+    return [f"{against}/{k}" for k in MANIFOLD] + ([f"{against}/fid"] if n >= FID_MIN else [])
 
 
 def world_distribution(reader, images, prompts: Sequence[str]) -> dict[str, float]:

@@ -117,15 +117,21 @@ class AgainstReference:
     """Each model's images against the reference's samples (the reference is measured first), on
     a feature network: `ref/precision|recall|density|coverage`, and `ref/fid` from FID_MIN images."""
 
-    def __init__(self, features: Callable, reference: Subject):
+    def __init__(self, features: Callable, reference: Subject | None = None):
         self.features, self.reference, self.real = features, reference, None
 
     def __call__(self, subject: Subject, images) -> dict[str, float]:
+        if subject is self.reference:
+            self.remember(images)
+            return {}
+        return self.against(images)
+
+    def remember(self, reference_images) -> None:
+        self.real = self.features(reference_images)
+
+    def against(self, images) -> dict[str, float]:
         from distar.evaluation import distribution
 
-        if subject is self.reference:
-            self.real = self.features(images)
-            return {}
         return {f"ref/{k}": v for k, v in distribution.compare(self.real, self.features(images)).items()}
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from distar.errors import UserError
 from distar.tracking import store
 
+REFERENCE_STEPS = 50  # how the reference is sampled where a run or a sweep compares with it
+
 
 @dataclass
 class Subject:
@@ -69,3 +71,12 @@ def reference_subject(source: str, family: str, steps: int, cfg: float, device: 
         raise UserError(f"--reference: {folder} is not a diffusers pipeline folder (no model_index.json)")
     label = f"reference {store.redact(source)} ({steps} steps, cfg {cfg:g})"
     return Subject(f"reference:{store.redact(source)}", label, lambda: Sampler(folder, steps, cfg, device=device))
+
+
+def reference_samples(cfg, prompts: list[str], device: str = "cpu"):
+    """The run config's reference model's images of `prompts` [N, 3, H, W] in [0, 1]: REFERENCE_STEPS
+    DDIM steps at the run's guidance, noise from the held-out seed, as validation draws its own."""
+    from distar.data import HELD_OUT_SEED
+
+    model = reference_subject(cfg.model.reference, cfg.model.family, REFERENCE_STEPS, cfg.objective.cfg_scale, device).open()
+    return model.generate(prompts, list(range(HELD_OUT_SEED, HELD_OUT_SEED + len(prompts))))

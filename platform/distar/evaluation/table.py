@@ -8,12 +8,13 @@ from collections.abc import Sequence
 from distar.evaluation.judges import ACCURACIES, MANIFOLD, WORLD
 from distar.evaluation.subjects import Subject
 
-AGAINST_REFERENCE = ("ref/fid", "ref/precision", "ref/recall", "ref/density", "ref/coverage")  # measure.AgainstReference's
+WORLD_DISTRIBUTION = ("world/fid", *(f"world/{k}" for k in MANIFOLD))  # judges.world_distribution's
+AGAINST_REFERENCE = ("ref/fid", *(f"ref/{k}" for k in MANIFOLD))  # measure.AgainstReference's
 # Table headings; metrics not listed here are shown under their own names.
 HEADINGS = {
     "pref": "pref", "diversity": "diversity", "seconds_per_image": "s/image", "peak_memory_mb": "peak MB", "unet_calls": "UNet calls",
     **{f"acc/{k}": f"acc {k}" for k in ACCURACIES}, "world/misplaced": "misplaced", "world/off_world": "off-world",
-    "world/fid": "FID (world)", **{k: k.removeprefix("world/") for k in MANIFOLD},
+    "world/fid": "FID (world)", **{k: k.removeprefix("world/") for k in WORLD_DISTRIBUTION[1:]},
     **{k: f"{k.removeprefix('ref/').replace('fid', 'FID')} (ref)" for k in AGAINST_REFERENCE},
 }
 
@@ -28,7 +29,7 @@ def columns(subjects: Sequence[Subject]) -> list[str]:
     """Metric keys in table order: rewards, reader, diversity, cost."""
     keys = list(dict.fromkeys(k for s in subjects for k in s.metrics))  # first seen first: rewards in config order
     order = [k for k in keys if k.startswith("reward/")]
-    judged = ("pref", *(f"acc/{a}" for a in ACCURACIES), *WORLD, "world/fid", *MANIFOLD, *AGAINST_REFERENCE)
+    judged = ("pref", *(f"acc/{a}" for a in ACCURACIES), *WORLD, *WORLD_DISTRIBUTION, *AGAINST_REFERENCE)
     order += [k for k in (*judged, "diversity", "seconds_per_image", "peak_memory_mb", "unet_calls") if k in keys]
     return order + [k for k in keys if k not in order]
 

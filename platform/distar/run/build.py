@@ -41,6 +41,7 @@ def check_inputs(cfg: RunConfig) -> None:
         if m.generator_init is not None:
             sources.resolve(m.generator_init, m.family, cache_dir(), "model.generator_init", fetch=False, files="unet")
         check_rewards(cfg)
+        check_validation_features(cfg)
         check_guard(cfg)
     except ConfigError:
         raise
@@ -56,6 +57,24 @@ def check_guard(cfg: RunConfig) -> None:
         reason = unreported(cfg, PREFIX + name)
         if reason:
             raise ConfigError(f"run.guard.judges.{name}: {reason}")
+
+
+def check_validation_features(cfg: RunConfig) -> None:
+    """data.validation_features names features this run's validation images can be compared on."""
+    from distar.evaluation.features import feature_config
+    from distar.evaluation.judges import READER_SIZE, reader_reads
+    from distar.run.validation import READER
+
+    source, field = cfg.data.validation_features, "data.validation_features"
+    if source is None:
+        return
+    prompts = validation_prompts(cfg.data.prompts, cfg.data.validation_prompts, cfg.data.validation_size)
+    if not prompts:
+        raise ConfigError(f"{field}: compares validation images with the reference's samples, but validation is off (data.validation_size is 0)")
+    if source == READER and not reader_reads(prompts, cfg.model.resolution):
+        raise ConfigError(f"{field}: the reader reads only the shapes world's prompts at {READER_SIZE} px; name a DINOv2 or CLIP model instead")
+    if source != READER and (Path(source).exists() or source.startswith(("/", ".", "~"))):  # a hub id is read when validation starts
+        feature_config(source, field)
 
 
 def check_rewards(cfg: RunConfig) -> None:

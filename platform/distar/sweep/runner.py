@@ -260,7 +260,7 @@ def _conclude(cfg: RunConfig, space: Space, parent: TrainingRun, outcomes: list[
     from distar.run.validation import metric_names
 
     metrics = metric_names(cfg)
-    reference = selection.reference_values(cfg) if selection.REFERENCE in space.require.values() else None
+    reference = selection.reference_values(cfg) if selection.needs_reference(space.require) else None
     limits = selection.bounds(space.require, reference or {})
     rule = selection.describe(space.select_metric, space.select_mode, space.require, limits)
     chosen = selection.select(outcomes, space.select_metric, space.select_mode, limits)

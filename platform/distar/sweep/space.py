@@ -4,7 +4,7 @@ early-stopping scheduler and the rule that picks the best trial.
     search:     {algorithm: random | grid | optuna, num_samples: 4, max_concurrent: null, seed: 0}
     scheduler:  {kind: asha | fifo, metric: val/pref, mode: max, grace_period: 1, reduction_factor: 2}
     select:     {metric: val/pref, mode: max,          # default: the scheduler's metric and mode
-                 require: {val/acc/all: reference, val/world/misplaced: 0.15}}  # held-out constraints (sweep/selection.py)
+                 require: {val/acc/all: reference, val/acc/shape: {reference: 0.03}, val/world/misplaced: 0.15}}  # (sweep/selection.py)
     parameters:
       objective.alpha:  {loguniform: [0.1, 10]}
       rewards.0.weight: {uniform: [0.5, 2.0]}
@@ -77,7 +77,7 @@ class Space:
     reduction_factor: int
     select_metric: str
     select_mode: str
-    require: dict  # select.require: val/* metric -> a number or `reference`
+    require: dict  # select.require: val/* metric -> a number, `reference` or {reference: margin}
 
     @property
     def trials(self) -> int:
@@ -128,15 +128,21 @@ def _metric(section: dict, name: str, default: str | None) -> str:
 
 
 def _require(section: Any) -> dict:
-    """select.require: each val/* metric bounded by a finite number or `reference`."""
+    """select.require: each val/* metric bounded by a finite number, `reference` or `{reference: margin}`."""
     from distar.sweep.selection import REFERENCE
+
+    def finite(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
     if not isinstance(section, dict):
         raise _fail("select.require", f"expected a mapping of val/* metrics to bounds, got {type(section).__name__}")
     for name, bound in section.items():
-        number = isinstance(bound, (int, float)) and not isinstance(bound, bool) and math.isfinite(bound)
-        if not (number or bound == REFERENCE):
-            raise _fail(f"select.require.{name}", f"expected a finite number or `{REFERENCE}` (the reference model's own value), got {bound!r}")
+        within = isinstance(bound, dict) and list(bound) == [REFERENCE] and finite(bound[REFERENCE]) and bound[REFERENCE] >= 0
+        if not (finite(bound) or bound == REFERENCE or within):
+            raise _fail(f"select.require.{name}", f"expected a finite number, `{REFERENCE}` (the reference model's own value) "
+                        f"or {{{REFERENCE}: m}} (that value worse by at most m >= 0), got {bound!r}")
+        if name.startswith(f"{METRIC_PREFIX}ref/") and not finite(bound):
+            raise _fail(f"select.require.{name}", "this metric already compares with the reference's samples; bound it by a number")
     return dict(section)
 
 
