@@ -1,10 +1,10 @@
 """DI* against its teacher and against KL in the shapes world, at equal budget, over seeds.
 
-    python bench/toy_quality.py [--seeds 0 1 2] [--runs DIR] [--prompts N] [--steps N] [--cfg W] [--guard FILE]
+    python bench/toy_quality.py [--seeds 0 1 2] [--set PATH=VALUE ...] [--runs DIR] [--prompts N] [--steps N] [--cfg W] [--guard FILE]
 
 Trains (unless a run folder already holds a generator) the embedded default run with the score
 divergence and the same budget with KL (DI++) for each seed (run.seed: initial noise, batches,
-timesteps), then samples N held-out prompts (200) with the reference (50 DDIM steps, CFG) and with
+timesteps), both with the --set overrides (another setting: give it its own --runs folder), then samples N held-out prompts (200) with the reference (50 DDIM steps, CFG) and with
 each one-step generator, and measures them the way jobs/evaluate.py does: the rewards, the reader's
 pref and accuracies, the faithfulness check, the distribution metrics against world renders and
 against the reference's samples, diversity and cost, each with its ratio to the reference. Then
@@ -42,12 +42,12 @@ SUMMARY = ("reward/pickscore", "pref", "acc/shape", "acc/all", "world/misplaced"
            "world/coverage", "ref/fid", "ref/precision", "ref/recall", "diversity")
 
 
-def trained(folder: Path, divergence: str, seed: int) -> Path:
+def trained(folder: Path, divergence: str, seed: int, overrides: list[str]) -> Path:
     """The default run's generator with this divergence and seed (an interrupted training resumes);
     its validations are appended to validations.jsonl as they come, each step once."""
     generator = folder / "generator"
     if not (generator / "model_index.json").is_file():
-        cfg = load_config(None, [f"run.output_dir={folder}", f"objective.divergence={divergence}", f"run.seed={seed}", f"run.name=bench-{divergence}-{seed}"])
+        cfg = load_config(None, [*overrides, f"run.output_dir={folder}", f"objective.divergence={divergence}", f"run.seed={seed}", f"run.name=bench-{divergence}-{seed}"])
         train(cfg, log=lambda line: _kept(folder / "validations.jsonl", line)).exported()
     return generator
 
@@ -102,6 +102,7 @@ def summary(rows: list[Subject], seeds: list[int]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE", help="a run-config override for every training, e.g. objective.alpha=4")
     p.add_argument("--runs", type=Path, default=ROOT / "runs", help="folder of the trainings: bench-<divergence>[-seed<S>]")
     p.add_argument("--prompts", type=int, default=200)
     p.add_argument("--steps", type=int, default=50)
@@ -112,14 +113,15 @@ def main() -> int:
     cfg_scale = args.cfg if args.cfg is not None else cfg.objective.cfg_scale
 
     runs = {(d, s): args.runs / (f"bench-{d}" + (f"-seed{s}" if s else "")) for s in args.seeds for d in DIVERGENCES}
-    folders = {(d, s): trained(folder, d, s) for (d, s), folder in runs.items()}
+    folders = {(d, s): trained(folder, d, s, args.overrides) for (d, s), folder in runs.items()}
     reference = Subject("reference", f"reference, {args.steps} DDIM steps, CFG {cfg_scale:g}",
                         lambda: Sampler(assets.path("reference"), args.steps, cfg_scale, world.SIZE))
     rows = [reference] + [Subject(str(f), f"{DIVERGENCES[d]}, seed {s}, 1000 steps", lambda f=f: Sampler(f, resolution=world.SIZE))
                           for (d, s), f in folders.items()]
     prompts = world.held_out_prompts(args.prompts, HELD_OUT_SEED)
     judges = load_judges(cfg, prompts)
-    notes = [f"{args.prompts} held-out prompts of the shapes world, image i from noise seed {HELD_OUT_SEED} + i, all measured in this one run"]
+    notes = [f"{args.prompts} held-out prompts of the shapes world, image i from noise seed {HELD_OUT_SEED} + i, all measured in this one run",
+             f"the default run{' with ' + ', '.join(args.overrides) if args.overrides else ''}"]
     print(measure_all(rows, reference, prompts, HELD_OUT_SEED, judges, None, notes, log=lambda line: None, versus=AgainstReference(judges.reader.features, reference)))
     print(summary(rows, args.seeds))
     if args.guard is not None:

@@ -43,6 +43,18 @@ def test_the_realism_space_bounds_every_attribute_and_the_distribution_near_the_
         load_space(realism)
 
 
+def test_the_kl_realism_space_differs_from_the_score_one_only_in_its_parameters():
+    """toy_realism_kl_sweep.yaml runs DI++ on the same alphas under the same stopping and selection
+    rules, so the two sweeps' trials compare one for one."""
+    overrides = ["data.validation_size=64", "run.validate_every=250"]
+    score = load_space(EXAMPLE.with_name("toy_realism_sweep.yaml"), None, overrides)
+    kl = load_space(EXAMPLE.with_name("toy_realism_kl_sweep.yaml"), None, overrides)
+    rules = ("algorithm", "scheduler", "metric", "mode", "grace_period", "reduction_factor", "select_metric", "select_mode", "require")
+    assert all(getattr(kl, rule) == getattr(score, rule) for rule in rules)
+    assert kl.trials == 3 and kl.param_space()["objective.divergence"] == {"grid_search": ["kl"]}
+    assert kl.param_space()["objective.alpha"] == score.param_space()["objective.alpha"]
+
+
 def test_grid_values_become_a_grid_search(tmp_path):
     space = {"search": {"algorithm": "grid"}, "scheduler": {"metric": "val/reward/pickscore"},
              "parameters": {"objective.cfg_placement": {"grid": ["inside", "outside"]}}}
