@@ -8,7 +8,7 @@ from distar.errors import RunFailed, UserError
 from distar.storage import StorageError
 from distar.sweep.space import SpaceError
 
-JOBS = ["train.py", "sweep.py", "evaluate.py", "promote.py", "generate.py", "build_toy_assets.py"]
+JOBS = ["train.py", "sweep.py", "evaluate.py", "promote.py", "generate.py", "build_toy_assets.py", "plan.py"]
 
 
 @pytest.mark.parametrize("error, line, status", [

@@ -42,6 +42,8 @@ def test_two_steps_are_finite_and_the_masters_stay_float32(tmp_path, family, dty
     for network in (run.generator, run.trainer.fake):
         assert {p.dtype for p in network.parameters()} == {torch.float32}
     assert not torch.equal(params(run.generator), before)
+    frozen = [run.parts.vae, run.parts.conditioner, *build.reward_models(run.cfg).values()]  # held in model.dtype
+    assert {p.dtype for network in frozen for p in network.parameters()} == {getattr(torch, dtype)}
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -51,5 +51,5 @@ class RewardWorker:
             for i, name in enumerate(names):
                 score = self.models[name](images, request.prompts)
                 (grads[name],) = torch.autograd.grad(score.sum(), x, retain_graph=i < len(names) - 1)
-                rewards[name] = score.detach()
+                rewards[name] = score.detach().float()  # results cross processes in float32
         return RewardResult(rewards, grads)

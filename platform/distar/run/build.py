@@ -112,13 +112,13 @@ def reference_parts(cfg: RunConfig, device: torch.device | str = "cpu", trainer:
 
 
 def reward_models(cfg: RunConfig, device: torch.device | str = "cpu") -> dict:
-    """The config's reward models by name, frozen, on `device`."""
+    """The config's reward models by name, frozen, on `device`, in model.dtype like every frozen network."""
     models = {}
     for i, r in enumerate(cfg.rewards):
         folder = sources.resolve(r.source, r.name, cache_dir(), f"rewards.{i}.source")
         processor = None if r.processor is None else sources.resolve(r.processor, r.name, cache_dir(), f"rewards.{i}.processor", files="processor")
         try:
-            models[r.name] = load_reward(r.name, folder, processor).to(device).eval()
+            models[r.name] = load_reward(r.name, folder, processor).to(device=device, dtype=dtype_of(cfg)).eval()
         except MissingProcessorError as e:
             raise MissingProcessorError(e.folder, f"rewards.{i}.processor") from None
     return models

@@ -1,0 +1,209 @@
+"""The activation peak of one micro-batch of each role's work, measured, not estimated.
+
+Each role's networks are built from their configs (distar.plan.architectures) under
+torch's FakeTensorMode, which allocates nothing, and the role's own code runs one micro-batch
+while torch's MemTracker counts every tensor that lives: the peak beyond the weights, gradients
+and optimiser states is what the work itself needs at its worst moment (activations saved for
+backward, autograd's temporaries, autocast's low-precision copies of float32 weights, the
+AdamW step's temporaries). The same functions on real tensors (fake=False) check the method.
+
+- trainer: the generator update, the largest of a rank's graphs: the generator's forward with
+  gradient, the fake score's forward on x_t (frozen, gradient through its input, as
+  TrainerStep.step does), one backward through both and the AdamW step, at data.batch_size.
+- reference replica: ReferenceWorker on a merged request of the pool's max_batch_size (CFG
+  doubles the UNet's batch; the score divergence back-propagates to x_t, KL runs without grad).
+- reward replica: RewardWorker on max_batch_size latents: VAE decode and every reward model,
+  each back-propagated to the latents.
+model.gradient_checkpointing is honoured where build.checkpointed honours it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+from distar.config import RunConfig
+from distar.errors import UserError
+from distar.models import precision, tiny
+from distar.models.tokenizer import build_word_tokenizer
+from distar.plan.architectures import Architecture, RewardNet, default_dtype
+
+# DeepSpeed's stage3_param_persistence_threshold (distar.cluster.engines): smaller parameters stay whole on every rank.
+PERSISTENCE_THRESHOLD = 100_000
+
+
+class _GlobalPeak(MemTracker):
+    """MemTracker's accounting, keeping only its global peak (its per-module peaks walk every
+    module at every operation: minutes for one UNet step), and gradient hooks only on modules
+    that train (it would hook frozen parameters too, which torch refuses)."""
+
+    def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
+        trains = all(p.requires_grad for p in module.parameters())
+        return super()._track_module_params_and_buffers(module, install_grad_hooks and trains)
+
+    def _update_peak_stats(self, peak_state) -> None:
+        for device, snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(device, 0) < snap["Total"]:
+                self._peak_mem[device] = snap["Total"]
+                self._peak_mem_snap[device] = dict(snap)
+
+
+def transient_peak(work: Callable[[], object], held: list) -> int:
+    """Bytes beyond the held modules' weights and buffers, their gradients and the optimisers'
+    states (as they were before) at the peak of work()."""
+    tracker = _GlobalPeak()
+    tracker.track_external(*held)
+    with tracker:
+        states = sum(snap[_MemRefType.OPT] for snap in tracker.get_tracker_snapshot("current").values())
+        work()
+    peak = tracker.get_tracker_snapshot("peak").values()
+    held_types = (_MemRefType.PARAM, _MemRefType.BUFFER, _MemRefType.GRAD)
+    return sum(snap["Total"] - sum(snap[k] for k in held_types) for snap in peak) - states
+
+
+@dataclass
+class Measured:
+    """What one role holds and needs: its networks' sizes and the peak of its work."""
+
+    frozen_params: int  # parameters held frozen, in their dtypes...
+    frozen_bytes: int  # ...taking these bytes
+    trainable: list[dict]  # per trainable network: params, persistent (kept whole by ZeRO-3), largest_layer
+    activations: int
+
+
+def _mode(fake: bool):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode() if fake else contextlib.nullcontext()
+
+
+def _frozen(*modules: nn.Module) -> tuple[int, int]:
+    params = [p for m in modules for p in m.parameters()]
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def _trainable(module: nn.Module) -> dict:
+    sizes = [p.numel() for p in module.parameters()]
+    layers = [sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()]
+    return dict(params=sum(sizes), persistent=sum(n for n in sizes if n < PERSISTENCE_THRESHOLD), largest_layer=max(layers))
+
+
+def _checkpointed(cfg: RunConfig, module: nn.Module) -> nn.Module:
+    from distar.run.build import checkpointed
+
+    return checkpointed(cfg, module)
+
+
+def _prompts(n: int) -> list[str]:
+    return [tiny.PROMPTS[i % len(tiny.PROMPTS)] for i in range(n)]
+
+
+def _conditioner(arch: Architecture, cfg: RunConfig, dtype: torch.dtype):
+    """The run's text conditioner over the architecture's encoders, with the word tokenizer padded
+    to the encoders' length (the plan needs token counts, not a vocabulary)."""
+    from distar.models.diffusion import SDXLConditioner, TextConditioner
+
+    encoders = [net.build(dtype) for net in arch.texts]
+    tokenizers = [build_word_tokenizer(tiny.WORDS, max_length=e.config.max_position_embeddings) for e in encoders]
+    if len(encoders) == 1:
+        return TextConditioner(tokenizers[0], encoders[0])
+    return SDXLConditioner(tokenizers[0], encoders[0], tokenizers[1], encoders[1], cfg.model.resolution, arch.zeros_for_empty)
+
+
+def latent_shape(arch: Architecture, resolution: int) -> tuple[int, int, int]:
+    factor = 2 ** (len(arch.vae.config["block_out_channels"]) - 1)
+    if resolution % factor:
+        raise UserError(f"model.resolution: {resolution} is not a multiple of the VAE's factor {factor}")
+    return (arch.unet.config.get("in_channels", 4), resolution // factor, resolution // factor)
+
+
+def trainer(arch: Architecture, cfg: RunConfig, fake: bool = True) -> Measured:
+    from distar.models.diffusion import Denoiser, OneStepGenerator
+    from distar.objectives import Schedule
+
+    dtype, n = precision.DTYPES[cfg.model.dtype], cfg.data.batch_size
+    with _mode(fake):
+        schedule = Schedule.from_scheduler_config(arch.scheduler)
+        conditioner = _conditioner(arch, cfg, dtype)
+        vae = arch.vae.build(dtype)  # held by every rank (distar.run.loop), used by rank 0's validation
+        # float32 masters (build.trainable_networks); the fake score is frozen through the generator update.
+        gen_unet = _checkpointed(cfg, arch.unet.build().requires_grad_(True))
+        fake_unet = _checkpointed(cfg, arch.unet.build().requires_grad_(False))
+        generator = OneStepGenerator(gen_unet, schedule, cfg.model.t_star, dtype)
+        fake_score = Denoiser(fake_unet, schedule, dtype)
+        spec = cfg.optim.generator
+        optimizer = torch.optim.AdamW(gen_unet.parameters(), lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+        for p in gen_unet.parameters():  # the states exist from the first step on: create them
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        cond = conditioner(_prompts(n))
+        shape = (n, *latent_shape(arch, cfg.model.resolution))
+        z, eps = torch.randn(shape), torch.randn(shape)
+        t = torch.randint(cfg.objective.t_min, cfg.objective.t_max + 1, (n,))
+
+        def update():
+            x0 = generator(z, cond)
+            x_t = schedule.add_noise(x0, eps, t)
+            (fake_score(x_t, t, cond) - x0).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        activations = transient_peak(update, [gen_unet, fake_unet, conditioner, vae, optimizer])
+        return Measured(*_frozen(conditioner, vae), [_trainable(gen_unet), _trainable(fake_unet)], activations)
+
+
+def reference(arch: Architecture, cfg: RunConfig, fake: bool = True) -> Measured:
+    from distar.models.diffusion import Denoiser
+    from distar.objectives import Schedule
+    from distar.roles.reference_worker import ReferenceRequest, ReferenceWorker
+    from distar.roles.trainer import divergence_spec
+
+    dtype, n = precision.DTYPES[cfg.model.dtype], cfg.cluster.reference_pool.max_batch_size
+    with _mode(fake):
+        schedule = Schedule.from_scheduler_config(arch.scheduler)
+        conditioner = _conditioner(arch, cfg, dtype)
+        unet = _checkpointed(cfg, arch.unet.build(dtype))
+        vae = arch.vae.build(dtype)  # loaded with the reference's parts (distar.run.build.reference_parts), unused
+        worker = ReferenceWorker(Denoiser(unet, schedule, dtype), conditioner)
+        shape = (n, *latent_shape(arch, cfg.model.resolution))
+        t = torch.randint(cfg.objective.t_min, cfg.objective.t_max + 1, (n,))
+        request = ReferenceRequest(torch.randn(shape), t, _prompts(n), torch.randn(shape), torch.randn(shape), divergence_spec(cfg.objective))
+        activations = transient_peak(lambda: worker(request), [unet, conditioner, vae])
+        return Measured(*_frozen(unet, conditioner, vae), [], activations)
+
+
+def _reward_model(net: RewardNet, dtype: torch.dtype) -> nn.Module:
+    """The reward wrapper distar.rewards loads, around a CLIP built from its config, in the run's
+    dtype (distar.run.build.reward_models)."""
+    from distar.rewards.aesthetic import AestheticHead, AestheticReward
+    from distar.rewards.clip import ClipReward
+    from distar.rewards.preprocess import Preprocess
+
+    clip = net.clip.build(dtype)
+    with default_dtype(dtype):
+        preprocess = Preprocess(*(net.preprocessing or (clip.config.vision_config.image_size,)))
+        if net.name == "aesthetic":  # the text tower is dropped after loading
+            return AestheticReward(clip.vision_model, clip.visual_projection, AestheticHead(clip.visual_projection.out_features), preprocess)
+    tokenizer = build_word_tokenizer(tiny.WORDS, max_length=clip.config.text_config.max_position_embeddings)
+    return ClipReward(clip, tokenizer, net.name, preprocess)
+
+
+def reward(arch: Architecture, cfg: RunConfig, fake: bool = True) -> Measured:
+    from distar.models.diffusion import decode_latents
+    from distar.roles.reward_worker import RewardRequest, RewardWorker
+
+    dtype, n = precision.DTYPES[cfg.model.dtype], cfg.cluster.reward_pool.max_batch_size
+    with _mode(fake):
+        vae = _checkpointed(cfg, arch.vae.build(dtype).requires_grad_(False).eval())
+        models = {net.name: _reward_model(net, dtype) for net in arch.rewards}
+        worker = RewardWorker(functools.partial(decode_latents, vae), models)
+        request = RewardRequest(torch.randn(n, *latent_shape(arch, cfg.model.resolution)), _prompts(n))
+        activations = transient_peak(lambda: worker(request), [vae, *models.values()])
+        return Measured(*_frozen(vae, *models.values()), [], activations)
