@@ -14,7 +14,9 @@ AdamW step's temporaries). The same functions on real tensors (fake=False) check
   doubles the UNet's batch; the score divergence back-propagates to x_t, KL runs without grad).
 - reward replica: RewardWorker on max_batch_size latents: VAE decode and every reward model,
   each back-propagated to the latents.
-model.gradient_checkpointing is honoured where build.checkpointed honours it.
+model.gradient_checkpointing is honoured where build.checkpointed honours it. Each role takes
+the measurement as `peak(work, held)` (default transient_peak); bench/plan_check.py passes one
+that reads the process's resident memory instead.
 """
 
 from __future__ import annotations
@@ -104,13 +106,19 @@ def _prompts(n: int) -> list[str]:
     return [tiny.PROMPTS[i % len(tiny.PROMPTS)] for i in range(n)]
 
 
+def _tokenizer(max_length: int):
+    """A byte-level tokenizer without merges, padding to the encoder's length: the plan needs token
+    counts, not a vocabulary, and its 514 ids are within every CLIP's (the smallest, built by the
+    same builder from a few words, has these and its merges)."""
+    return build_word_tokenizer([], max_length=max_length)
+
+
 def _conditioner(arch: Architecture, cfg: RunConfig, dtype: torch.dtype):
-    """The run's text conditioner over the architecture's encoders, with the word tokenizer padded
-    to the encoders' length (the plan needs token counts, not a vocabulary)."""
+    """The run's text conditioner over the architecture's encoders, with _tokenizer's."""
     from distar.models.diffusion import SDXLConditioner, TextConditioner
 
     encoders = [net.build(dtype) for net in arch.texts]
-    tokenizers = [build_word_tokenizer(tiny.WORDS, max_length=e.config.max_position_embeddings) for e in encoders]
+    tokenizers = [_tokenizer(e.config.max_position_embeddings) for e in encoders]
     if len(encoders) == 1:
         return TextConditioner(tokenizers[0], encoders[0])
     return SDXLConditioner(tokenizers[0], encoders[0], tokenizers[1], encoders[1], cfg.model.resolution, arch.zeros_for_empty)
@@ -123,7 +131,7 @@ def latent_shape(arch: Architecture, resolution: int) -> tuple[int, int, int]:
     return (arch.unet.config.get("in_channels", 4), resolution // factor, resolution // factor)
 
 
-def trainer(arch: Architecture, cfg: RunConfig, fake: bool = True) -> Measured:
+def trainer(arch: Architecture, cfg: RunConfig, fake: bool = True, peak=transient_peak) -> Measured:
     from distar.models.diffusion import Denoiser, OneStepGenerator
     from distar.objectives import Schedule
 
@@ -155,11 +163,11 @@ def trainer(arch: Architecture, cfg: RunConfig, fake: bool = True) -> Measured:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        activations = transient_peak(update, [gen_unet, fake_unet, conditioner, vae, optimizer])
+        activations = peak(update, [gen_unet, fake_unet, conditioner, vae, optimizer])
         return Measured(*_frozen(conditioner, vae), [_trainable(gen_unet), _trainable(fake_unet)], activations)
 
 
-def reference(arch: Architecture, cfg: RunConfig, fake: bool = True) -> Measured:
+def reference(arch: Architecture, cfg: RunConfig, fake: bool = True, peak=transient_peak) -> Measured:
     from distar.models.diffusion import Denoiser
     from distar.objectives import Schedule
     from distar.roles.reference_worker import ReferenceRequest, ReferenceWorker
@@ -175,7 +183,7 @@ def reference(arch: Architecture, cfg: RunConfig, fake: bool = True) -> Measured
         shape = (n, *latent_shape(arch, cfg.model.resolution))
         t = torch.randint(cfg.objective.t_min, cfg.objective.t_max + 1, (n,))
         request = ReferenceRequest(torch.randn(shape), t, _prompts(n), torch.randn(shape), torch.randn(shape), divergence_spec(cfg.objective))
-        activations = transient_peak(lambda: worker(request), [unet, conditioner, vae])
+        activations = peak(lambda: worker(request), [unet, conditioner, vae])
         return Measured(*_frozen(unet, conditioner, vae), [], activations)
 
 
@@ -191,11 +199,11 @@ def _reward_model(net: RewardNet, dtype: torch.dtype) -> nn.Module:
         preprocess = Preprocess(*(net.preprocessing or (clip.config.vision_config.image_size,)))
         if net.name == "aesthetic":  # the text tower is dropped after loading
             return AestheticReward(clip.vision_model, clip.visual_projection, AestheticHead(clip.visual_projection.out_features), preprocess)
-    tokenizer = build_word_tokenizer(tiny.WORDS, max_length=clip.config.text_config.max_position_embeddings)
+    tokenizer = _tokenizer(clip.config.text_config.max_position_embeddings)
     return ClipReward(clip, tokenizer, net.name, preprocess)
 
 
-def reward(arch: Architecture, cfg: RunConfig, fake: bool = True) -> Measured:
+def reward(arch: Architecture, cfg: RunConfig, fake: bool = True, peak=transient_peak) -> Measured:
     from distar.models.diffusion import decode_latents
     from distar.roles.reward_worker import RewardRequest, RewardWorker
 
@@ -205,5 +213,5 @@ def reward(arch: Architecture, cfg: RunConfig, fake: bool = True) -> Measured:
         models = {net.name: _reward_model(net, dtype) for net in arch.rewards}
         worker = RewardWorker(functools.partial(decode_latents, vae), models)
         request = RewardRequest(torch.randn(n, *latent_shape(arch, cfg.model.resolution)), _prompts(n))
-        activations = transient_peak(lambda: worker(request), [vae, *models.values()])
+        activations = peak(lambda: worker(request), [vae, *models.values()])
         return Measured(*_frozen(vae, *models.values()), [], activations)
