@@ -4,13 +4,13 @@ A trainer rank holds the generator and the fake score as float32 masters (distar
 4 bytes a parameter of weights, 4 of gradients and 8 of AdamW states for each. ZeRO shards the
 states over the trainer workers from stage 1, the gradients too from stage 2, the weights too at
 stage 3, except the parameters DeepSpeed keeps whole on every rank (distar.plan.peaks.PERSISTENCE_THRESHOLD)
-and the one layer it gathers while that layer runs. Frozen networks (text encoders on the trainer;
-UNet and text encoders on a reference replica; VAE and reward models on a reward replica) are
-whole in their dtypes. The activation peak of one micro-batch is measured (distar.plan.peaks).
+and the one layer it gathers while that layer runs. Frozen networks (text encoders and VAE on the trainer;
+UNet, text encoders and VAE on a reference replica; VAE and reward models on a reward replica)
+are whole, in model.dtype. The activation peak of one micro-batch is measured (distar.plan.peaks).
 Before ZeRO shards anything, a trainer rank loads the reference UNet in float32 and copies it into
 both masters (distar.run.loop): three whole float32 UNets, often the larger of its two peaks.
 
-A role fits a GPU when its bytes plus HEADROOM (the CUDA context, NCCL's buffers and the caching
+A role fits a GPU when its bytes plus headroom() (the CUDA context, NCCL's buffers and the caching
 allocator's fragmentation) are within its share of it: a replica with num_gpus 0.5 has half a GPU.
 """
 
