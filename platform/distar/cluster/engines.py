@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from distar.config import OptimizerSpec, RunConfig
 
+PERSISTENCE_THRESHOLD = 100_000  # parameters smaller than this stay whole on every ZeRO-3 rank (distar.plan reads it)
+
 
 def ds_config(cfg: RunConfig, spec: OptimizerSpec) -> dict:
     return {
@@ -28,7 +30,7 @@ def ds_config(cfg: RunConfig, spec: OptimizerSpec) -> dict:
             "overlap_comm": torch.cuda.is_available(),  # no streams to overlap on CPU
             # Parameters under 1e5 elements stay whole on every rank (DeepSpeed's default), where a gather
             # costs more than the memory it saves; gradients and Adam states are sharded all the same.
-            "stage3_param_persistence_threshold": 100_000,
+            "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD,
             "stage3_prefetch_bucket_size": 0,  # no trace-based prefetch: the call order varies with K and alpha
         },
         # torch's own AdamW: DeepSpeed's fused and CPU Adam ops need a compiler at first use.

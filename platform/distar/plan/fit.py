@@ -3,7 +3,7 @@
 A trainer rank holds the generator and the fake score as float32 masters (distar.cluster.engines):
 4 bytes a parameter of weights, 4 of gradients and 8 of AdamW states for each. ZeRO shards the
 states over the trainer workers from stage 1, the gradients too from stage 2, the weights too at
-stage 3, except the parameters DeepSpeed keeps whole on every rank (distar.plan.peaks.PERSISTENCE_THRESHOLD)
+stage 3, except the parameters DeepSpeed keeps whole on every rank (distar.cluster.engines.PERSISTENCE_THRESHOLD)
 and the one layer it gathers while that layer runs. Frozen networks (text encoders and VAE on the trainer;
 UNet, text encoders and VAE on a reference replica; VAE and reward models on a reward replica)
 are whole, in model.dtype. The activation peak of one micro-batch is measured (distar.plan.peaks).

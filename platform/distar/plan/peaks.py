@@ -30,14 +30,12 @@ import torch
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
+from distar.cluster.engines import PERSISTENCE_THRESHOLD
 from distar.config import RunConfig
 from distar.errors import UserError
 from distar.models import precision, tiny
 from distar.models.tokenizer import build_word_tokenizer
 from distar.plan.architectures import Architecture, RewardNet, default_dtype
-
-# DeepSpeed's stage3_param_persistence_threshold (distar.cluster.engines): smaller parameters stay whole on every rank.
-PERSISTENCE_THRESHOLD = 100_000
 
 
 class _GlobalPeak(MemTracker):
