@@ -1,15 +1,20 @@
 """The guard against reward hacking (run.guard): its rule on validation values, and runs it
-stops or rolls back, in one process and on DeepSpeed engines, exporting the kept generator."""
+stops or rolls back, in one process, on DeepSpeed engines and on a Ray cluster, exporting the
+kept generator."""
 
 import json
 import math
+import os
+import re
 
 import pytest
 import torch
 
 from distar.config import GuardSection, load_config
 from distar.run.guard import Guard
+from distar.run.in_process import run_loop
 from distar.run.loop import RunLoop
+from distar.run.validation import Validation
 
 REWARDS = load_config().rewards  # pickscore (weight 1) and clip_score (weight 0.1): the training reward is their weighted sum
 SPEC = GuardSection(enabled=True, judges={"world/misplaced": 0.02, "acc/all": 0.1}, patience=2)
@@ -97,11 +102,15 @@ def keeping(runtime_class):
     return Keeping
 
 
-def exported_equals_kept(folder, kept: dict) -> bool:
+def exported(folder) -> dict:
     from diffusers import UNet2DConditionModel
 
-    exported = UNet2DConditionModel.from_pretrained(folder / "unet").state_dict()
-    return exported.keys() == kept.keys() and all(torch.equal(exported[k], kept[k]) for k in kept)
+    return UNet2DConditionModel.from_pretrained(folder / "unet").state_dict()
+
+
+def exported_equals_kept(folder, kept: dict) -> bool:
+    weights = exported(folder)
+    return weights.keys() == kept.keys() and all(torch.equal(weights[k], kept[k]) for k in kept)
 
 
 @pytest.mark.slow
@@ -137,3 +146,34 @@ def test_on_deepspeed_zero3_a_rollback_reloads_the_kept_state_and_the_end_export
     assert "rolled back to step" in tripped[0] and "stopped with the generator of step" in tripped[1], lines
     assert outcome.generator is not None and exported_equals_kept(outcome.generator, runtime.kept)
     assert all(torch.isfinite(v).all() for v in runtime.kept.values())  # ZeRO-3 gathers under gloo: no NaN crept in
+
+
+@pytest.mark.slow
+def test_on_a_ray_cluster_two_zero3_ranks_roll_back_and_export_the_kept_generator(ray_cluster, jobs, mlflow_client, tmp_path):
+    """Ray Train workers with ZeRO-3 across two ranks (2 prompts each: the runs above' batch of 4)
+    snapshot and rewind their shards on rank 0's word. The exported generator, validated again in
+    this process, gives the values the run logged for the kept step, and it alone is registered."""
+    from cluster_runs import tracked
+
+    out = tmp_path / "run"
+    sets = [*HACKING, "data.batch_size=2", "cluster.trainer_workers=2", f"run.output_dir={out}", "run.guard.action=rollback",
+            "run.guard.max_rollbacks=1", "run.guard.patience=1"]
+    proc = jobs.run("train.py", *[a for s in sets for a in ("--set", s)], env=ray_cluster.run_env)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    tripped = re.findall(r"guard: (at step .*)", proc.stdout + proc.stderr)  # rank 0's trips, not the job's closing note
+    assert len(tripped) == 2 and "rolled back to step" in tripped[0] and "stopped with the generator of step" in tripped[1], tripped
+    run = tracked(mlflow_client, out)
+    kept_step = int(re.match(r"kept the generator of step (\d+) ", run.data.tags["distar.guard"]).group(1))
+    assert tripped[1].endswith(f"step {kept_step}")
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+    assert len(client.search_model_versions(f"run_id = '{run.info.run_id}'")) == 1
+
+    cfg = load_config(None, sets)
+    loop = run_loop(cfg, log=lambda line: None)
+    weights = exported(out / "generator")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    loop.generator.unet.load_state_dict(weights)
+    again = Validation(cfg, loop.parts, loop.latent_shape, loop.score_rewards)(loop.generator)
+    for name in ("val/reward/pickscore", "val/pref", "val/world/misplaced"):
+        [logged] = [m.value for m in client.get_metric_history(run.info.run_id, name) if m.step == kept_step]
+        assert again[name] == pytest.approx(logged, rel=1e-4, abs=1e-6), name
