@@ -13,8 +13,8 @@ NETS = [dict(params=1_000_000, persistent=100_000, largest_layer=50_000)] * 2  #
 MEASURED = peaks.Measured(frozen_params=10_000, frozen_bytes=20_000, trainable=NETS, activations=7_000)
 
 
-def trainer_at(stage: int, workers: int) -> fit.Role:
-    cfg = load_config(None, [f"cluster.zero_stage={stage}", f"cluster.trainer_workers={workers}"])
+def trainer_at(stage: int, workers: int, *sets: str) -> fit.Role:
+    cfg = load_config(None, [f"cluster.zero_stage={stage}", f"cluster.trainer_workers={workers}", *sets])
     return fit.trainer_role(cfg, MEASURED)
 
 
@@ -31,6 +31,9 @@ def test_zero_shards_the_states_then_the_gradients_then_the_weights():
     assert trainer_at(3, 1).training > trainer_at(3, 2).training > three.training
     # before ZeRO shards them: the reference UNet in float32 and the two masters copied from it
     assert three.loading == 20_000 + 3 * 4 * 1_000_000 == three.total
+    # the generator's EMA: float32 on what the rank steps, its partition under ZeRO-3
+    assert trainer_at(3, 4, "optim.ema_decay=0.99").states - three.states == 4 * 1_000_000 // 4
+    assert trainer_at(1, 4, "optim.ema_decay=0.99").states - one.states == 4 * 1_000_000
 
 
 def test_a_role_fits_its_share_of_a_gpu_with_headroom():

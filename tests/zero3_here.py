@@ -27,7 +27,6 @@ def deepspeed_here(_gloo_rank, monkeypatch):
     """The in-process runtime with the Ray runtime's DeepSpeed engines in place of AdamW; returns
     its class. The rank's variables are set while the test runs only (ZeRO-3 reads them in forwards)."""
     from distar.cluster import engines
-    from distar.run import guard
     from distar.run.in_process import InProcess
 
     for name, value in RANK_ENV.items():
@@ -35,17 +34,15 @@ def deepspeed_here(_gloo_rank, monkeypatch):
 
     class DeepSpeedHere(InProcess):
         def updates(self, generator, fake, timing):
-            self.engines = {"generator": engines.engine_for(generator, self.cfg, self.cfg.optim.generator),
-                            "fake_score": engines.engine_for(fake, self.cfg, self.cfg.optim.fake_score)}
-            for engine in self.engines.values():
-                engines.time_zero(engine, timing)
-            return tuple(engines.EngineUpdate(e) for e in self.engines.values())
+            self.engines = engines.Engines(generator, fake, self.cfg, timing, self.rank)
+            self.ema = self.engines.ema
+            return self.engines.updates()
 
-        def snapshot(self):  # as distar.cluster.train_worker.RayTrain keeps the guard's generator
-            engines.save_all(self.engines, str(guard.folder(self.cfg)))
+        def _write(self, folder):  # as distar.cluster.train_worker.RayTrain keeps checkpoints and the guard's generator
+            self.engines.write(str(folder))
 
-        def rewind(self):
-            engines.load_all(self.engines, str(guard.folder(self.cfg)))
+        def _read(self, folder):
+            self.engines.read(str(folder))
 
         all_ranks_agree = staticmethod(engines.all_ranks_agree)
         gathered = staticmethod(engines.gathered)

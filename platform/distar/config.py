@@ -115,6 +115,7 @@ class OptimSection(Section):
     fake_score: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Fake-score optimiser.")
     fake_updates_per_step: int = Field(1, ge=1, description="Fake-score updates K per generator update.")
     grad_clip: Positive | None = Field(1.0, description="Global grad-norm clip for both networks; null disables.")
+    ema_decay: float | None = Field(None, ge=0, lt=1, description="An EMA of the generator's weights, validated and exported in their place; null: off.")
 
 
 class DataSection(Section):
@@ -175,8 +176,7 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        # Cross-field checks; each message starts with the field path it blames.
-        T, obj = self.model.num_train_timesteps, self.objective
+        T, obj = self.model.num_train_timesteps, self.objective  # cross-field checks; each message starts with the field path it blames
         if self.model.t_star >= T:
             raise ValueError(f"model.t_star: {self.model.t_star} is outside the schedule [1, {T - 1}]")
         if obj.t_max >= T:

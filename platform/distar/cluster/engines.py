@@ -9,10 +9,14 @@ DeepSpeed's accelerator (cuda or cpu) is the worker's DS_ACCELERATOR (distar.clu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
 from distar.config import OptimizerSpec, RunConfig
+from distar.roles.trainer import Update
+from distar.run.ema import GeneratorEMA, with_average
 
 PERSISTENCE_THRESHOLD = 100_000  # parameters smaller than this stay whole on every ZeRO-3 rank (distar.plan reads it)
 
@@ -78,17 +82,33 @@ class EngineUpdate:
         return float(norm) if norm is not None else float("nan")
 
 
-def save_all(engines: dict, folder: str) -> None:
-    """Each engine's weights and optimiser state under its tag. Collective: every rank writes its
-    shards (and rank 0 the module states) into the folder it is given."""
-    for tag, engine in engines.items():
-        engine.save_checkpoint(folder, tag=tag, save_latest=False)
+class Engines:
+    """This rank's engines for both networks (under their tags in a checkpoint) and the generator's
+    EMA (distar.run.ema, when optim.ema_decay is set): their updates, and their state written to and
+    read from one folder. Collective: every rank writes its shards and its piece of the EMA, rank 0
+    the module states."""
 
+    def __init__(self, generator: nn.Module, fake: nn.Module, cfg: RunConfig, timing, rank: int):
+        optim = cfg.optim
+        self.by_tag = {"generator": engine_for(generator, cfg, optim.generator), "fake_score": engine_for(fake, cfg, optim.fake_score)}
+        for engine in self.by_tag.values():
+            time_zero(engine, timing)
+        self.ema, self.rank = GeneratorEMA.of(generator, optim.ema_decay), rank  # after the engines: it averages ZeRO-3's partitions
 
-def load_all(engines: dict, folder: str) -> None:
-    """What save_all wrote, back into the engines (collective)."""
-    for tag, engine in engines.items():
-        engine.load_checkpoint(folder, tag=tag)
+    def updates(self) -> tuple[Update, Update]:
+        return with_average(EngineUpdate(self.by_tag["generator"]), self.ema), EngineUpdate(self.by_tag["fake_score"])
+
+    def write(self, folder: str) -> None:
+        for tag, engine in self.by_tag.items():
+            engine.save_checkpoint(folder, tag=tag, save_latest=False)
+        if self.ema:
+            self.ema.save(Path(folder), self.rank)
+
+    def read(self, folder: str) -> None:
+        for tag, engine in self.by_tag.items():
+            engine.load_checkpoint(folder, tag=tag)
+        if self.ema:
+            self.ema.load(Path(folder), self.rank)
 
 
 def all_ranks_agree(ok: bool) -> bool:

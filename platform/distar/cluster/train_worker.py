@@ -3,7 +3,7 @@ engines, the pools called through Serve handles, Ray Train's checkpoints and rep
 run's Ray metrics.
 
 Checkpoints hold both engines (ZeRO shards with their Adam states, one folder per rank that Ray
-merges) and rank 0's progress; a resumed run continues identically. The loop's outcome on rank 0
+merges), each rank's piece of the generator's EMA and rank 0's progress; a resumed run continues identically. The loop's outcome on rank 0
 is the return value the driver gets from TorchTrainer.fit().
 """
 
@@ -43,39 +43,37 @@ class RayTrain:
         self.metrics = TrainerMetrics(cfg.run.name)
         timeouts = (cfg.cluster.reward_pool.request_timeout_s, cfg.cluster.reference_pool.request_timeout_s)
         self.clients = PoolClients(reward_handle, reference_handle, self.metrics.request_done, timeouts, apps)
-        self.engines: dict = {}  # by their tag in a checkpoint
+        self.networks: engines.Engines | None = None
+        self.ema = None
 
     def pools(self, cfg: RunConfig, parts):
         return self.clients.score_rewards, self.clients.query_reference
 
     def updates(self, generator: nn.Module, fake: nn.Module, timing: StepParts) -> tuple[Update, Update]:
-        optim = self.cfg.optim
-        self.engines = {"generator": engines.engine_for(generator, self.cfg, optim.generator),
-                        "fake_score": engines.engine_for(fake, self.cfg, optim.fake_score)}
-        for engine in self.engines.values():
-            engines.time_zero(engine, timing)
-        return engines.EngineUpdate(self.engines["generator"]), engines.EngineUpdate(self.engines["fake_score"])
+        self.networks = engines.Engines(generator, fake, self.cfg, timing, self.rank)
+        self.ema = self.networks.ema
+        return self.networks.updates()
 
     def restore(self) -> Progress | None:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as d:
-            engines.load_all(self.engines, d)
+            self.networks.read(d)
             return Progress(**json.loads((Path(d) / STATE_FILE).read_text()))
 
     def save(self, progress: Progress, report: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as d:  # one per rank; Ray merges them into one checkpoint
-            engines.save_all(self.engines, d)
+            self.networks.write(d)
             if self.rank == 0:
                 write_state(Path(d), dataclasses.asdict(progress), self.cfg)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def snapshot(self) -> None:
-        engines.save_all(self.engines, str(guard.folder(self.cfg)))  # one folder all ranks write into
+        self.networks.write(str(guard.folder(self.cfg)))  # one folder all ranks write into
 
     def rewind(self) -> None:
-        engines.load_all(self.engines, str(guard.folder(self.cfg)))
+        self.networks.read(str(guard.folder(self.cfg)))
 
     def report(self, report: dict[str, float]) -> None:
         """Only rank 0's report reaches the driver and Tune; every rank reports (a barrier)."""

@@ -6,7 +6,8 @@ states over the trainer workers from stage 1, the gradients too from stage 2, th
 stage 3, except the parameters DeepSpeed keeps whole on every rank (distar.cluster.engines.PERSISTENCE_THRESHOLD)
 and the one layer it gathers while that layer runs. Frozen networks (text encoders and VAE on the trainer;
 UNet, text encoders and VAE on a reference replica; VAE and reward models on a reward replica)
-are whole, in model.dtype. The activation peak of one micro-batch is measured (distar.plan.peaks).
+are whole, in model.dtype. With optim.ema_decay, the generator's average (float32, on the rank's
+partition under ZeRO-3) counts with the optimiser states. The activation peak of one micro-batch is measured (distar.plan.peaks).
 Before ZeRO shards anything, a trainer rank loads the reference UNet in float32 and copies it into
 both masters (distar.run.loop): three whole float32 UNets, often the larger of its two peaks.
 
@@ -69,16 +70,15 @@ class Role:
 
 def trainer_role(cfg: RunConfig, measured: peaks.Measured) -> Role:
     stage, n = cfg.cluster.zero(), cfg.cluster.trainer_workers
-    nets = measured.trainable
+    nets = measured.trainable  # the generator's first
     trainable = sum(net["params"] for net in nets)
-    if stage == 3:  # sharded, but for the persistent parameters and one gathered layer at a time
-        held = sum(-(-(net["params"] - net["persistent"]) // n) + net["persistent"] for net in nets)
-        held += max(net["largest_layer"] for net in nets)
-    else:
-        held = trainable
+    own = [-(-(net["params"] - net["persistent"]) // n) + net["persistent"] if stage == 3 else net["params"] for net in nets]
+    held = sum(own) + (max(net["largest_layer"] for net in nets) if stage == 3 else 0)  # ZeRO-3 gathers one layer at a time
+    generator = nets[0]["params"]  # its average: float32, on this rank's partition under ZeRO-3 (distar.run.ema)
+    ema = 4 * (-(-generator // n) if stage == 3 else generator) if cfg.optim.ema_decay is not None else 0
     return Role("trainer rank", n, cfg.cluster.trainer_gpus, measured.frozen_params + trainable, trainable,
                 measured.frozen_bytes + 4 * held, 4 * (-(-trainable // n) if stage >= 2 else trainable),
-                8 * -(-trainable // n), measured.activations,
+                8 * -(-trainable // n) + ema, measured.activations,
                 "more cluster.trainer_workers under ZeRO-3, model.gradient_checkpointing or a smaller data.batch_size lower it",
                 loading=measured.frozen_bytes + 3 * 4 * max(net["params"] for net in nets))
 

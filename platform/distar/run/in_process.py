@@ -24,6 +24,7 @@ from distar.config import OptimizerSpec, RunConfig
 from distar.errors import UserError
 from distar.roles.trainer import Later, Update
 from distar.run import build, guard
+from distar.run.ema import GeneratorEMA, with_average
 from distar.run.loop import RunLoop
 from distar.run.resume import STATE_FILE, write_state
 from distar.run.runtime import Outcome, Progress
@@ -80,9 +81,10 @@ class Checkpoints:
         import pyarrow.fs
 
         target = f"{self.root}/checkpoint_{step:06d}"
-        self.fs.create_dir(target)
-        for path in sorted(local.iterdir(), key=lambda p: p.name == STATE_FILE):
-            pyarrow.fs.copy_files(str(path), f"{target}/{path.name}", destination_filesystem=self.fs)
+        for path in sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == STATE_FILE):
+            name = path.relative_to(local).as_posix()
+            self.fs.create_dir(f"{target}/{name}".rsplit("/", 1)[0])  # engines write a folder each (tests/zero3_here.py)
+            pyarrow.fs.copy_files(str(path), f"{target}/{name}", destination_filesystem=self.fs)
         for old in self.complete()[:-KEEP]:
             self.fs.delete_dir(f"{self.root}/{old}")
 
@@ -101,6 +103,7 @@ class InProcess:
         self.cfg = cfg
         self.checkpoints = Checkpoints(cfg.run.storage_path or cfg.run.output_dir)
         self.networks: dict[str, TorchUpdate] = {}
+        self.ema: GeneratorEMA | None = None
 
     def pools(self, cfg: RunConfig, parts):
         rewards, reference = build.reward_worker(cfg), build.reference_worker(cfg, parts)
@@ -109,7 +112,8 @@ class InProcess:
     def updates(self, generator: nn.Module, fake: nn.Module, timing=None) -> tuple[Update, Update]:
         o = self.cfg.optim
         self.networks = {"generator": TorchUpdate(generator, o.generator, o.grad_clip), "fake_score": TorchUpdate(fake, o.fake_score, o.grad_clip)}
-        return self.networks["generator"], self.networks["fake_score"]
+        self.ema = GeneratorEMA.of(generator, o.ema_decay)
+        return with_average(self.networks["generator"], self.ema), self.networks["fake_score"]
 
     @staticmethod
     def all_ranks_agree(ok: bool) -> bool:
@@ -147,12 +151,16 @@ class InProcess:
     def _write(self, folder: Path) -> None:
         for name, update in self.networks.items():
             torch.save({"module": update.module.state_dict(), "optimizer": update.opt.state_dict()}, folder / f"{name}.pt")
+        if self.ema:
+            self.ema.save(folder, self.rank)
 
     def _read(self, folder: Path) -> None:
         for name, update in self.networks.items():
             state = torch.load(folder / f"{name}.pt", weights_only=True)
             update.module.load_state_dict(state["module"])
             update.opt.load_state_dict(state["optimizer"])
+        if self.ema:
+            self.ema.load(folder, self.rank)
 
     def report(self, report: dict[str, float]) -> None:
         """Nobody watches an in-process run but its records."""

@@ -16,6 +16,7 @@ writes the records, the metrics file and the export.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -72,9 +73,19 @@ class RunLoop:
     def generator(self):
         return self.trainer.generator
 
+    def averaged(self):
+        """A context in which the generator holds its EMA weights (optim.ema_decay; every rank enters),
+        as for everything a run shows and exports of it: grids, validations, the export."""
+        return self.runtime.ema.applied() if self.runtime.ema else contextlib.nullcontext()
+
     def sample(self) -> torch.Tensor:
         """The generator's images of the grid's fixed prompts and noise (every rank takes part)."""
-        return sample_images(self.generator, self.parts, self.latent_shape, self.shown, self.cfg.run.seed)
+        with self.averaged():
+            return sample_images(self.generator, self.parts, self.latent_shape, self.shown, self.cfg.run.seed)
+
+    def validate(self, validation: Validation) -> dict[str, float]:
+        with self.averaged():
+            return validation(self.generator)
 
     def run(self, tracking: RunTarget | None = None) -> Outcome:
         """Train up to run.steps updates; with a tracking target, rank 0 records into that MLflow run."""
@@ -96,7 +107,7 @@ class RunLoop:
             if progress is None:  # the starting point, and val/* in every report Tune sees from now on
                 progress, before = Progress(), record.grid(0)
                 if validation.enabled:
-                    progress.validation = validation(self.generator)
+                    progress.validation = self.validate(validation)
                     record.validated(0, progress.validation)
                     self.watch(progress, record)
             else:  # the first attempt recorded the start; no before/after grid
@@ -137,7 +148,7 @@ class RunLoop:
                 if fresh:
                     record.step(progress.step, values, seconds, samples)
                 if validation.due(progress.step):
-                    progress.validation, progress.validations = validation(self.generator), progress.validations + 1
+                    progress.validation, progress.validations = self.validate(validation), progress.validations + 1
                     if fresh:
                         record.validated(progress.step, progress.validation)
                     if self.writer:
@@ -225,7 +236,7 @@ class RunLoop:
         """The before/after grid (top row: untrained, bottom row: trained; same prompts and noise)
         and the generator as a diffusers folder, gathered on every rank, written by rank 0."""
         folder = self.out / "generator"
-        with self.runtime.gathered(self.generator):
+        with self.averaged(), self.runtime.gathered(self.generator):
             if self.writer:
                 if before is not None:
                     save_png(grid(torch.cat([before, after]), columns=len(self.shown)), self.out / "before_after.png", scale=4)

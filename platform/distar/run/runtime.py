@@ -21,6 +21,7 @@ from distar.errors import RunFailed
 from distar.roles.reference_worker import ReferenceRequest, ReferenceResult
 from distar.roles.reward_worker import RewardRequest, RewardResult
 from distar.roles.trainer import Pending, Update
+from distar.run.ema import GeneratorEMA
 from distar.run.timing import StepParts
 
 ScoreRewards = Callable[[RewardRequest], Pending[RewardResult]]
@@ -60,6 +61,7 @@ class Runtime(Protocol):
     rank: int  # this trainer's rank; rank 0 writes records, checkpoint state and the export
     world: int  # trainer ranks; each trains on 1/world of the global batch
     device: torch.device
+    ema: GeneratorEMA | None  # the generator's EMA (optim.ema_decay), set by updates(); kept in every checkpoint and snapshot
 
     def pools(self, cfg, parts) -> tuple[ScoreRewards, QueryReference]:
         """The two pools, called directly (one process) or through Serve."""

@@ -84,6 +84,7 @@ tags: [distar, diff-instruct-star, one-step, text-to-image]
 - Objective: {cfg.objective.divergence} divergence, alpha {cfg.objective.alpha:g}, CFG {cfg.objective.cfg_scale:g} {cfg.objective.cfg_placement}
 - Rewards: {rewards}
 - Steps: {cfg.run.steps} generator updates of batch {cfg.data.batch_size} per worker x {cfg.cluster.trainer_workers} workers, seed {cfg.run.seed}
+- Weights: {f"the exponential moving average of the generator's weights, decay {cfg.optim.ema_decay:g}" if cfg.optim.ema_decay is not None else "the generator's own (no EMA)"}
 - Sampling: one step at t* = {t_star} (the folder's LCM scheduler with `timesteps=[{t_star}]`, guidance scale 1)
 
 ## Last logged metrics
