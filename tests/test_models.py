@@ -63,6 +63,18 @@ def test_tiny_random_builds_the_family_asked_for(tmp_path, kind, pipeline):
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == pipeline
 
 
+def test_the_tiny_tokenizer_gives_every_process_the_same_ids():
+    """BPE training breaks ties in a per-process hash order; the vocabulary is sorted after it, so
+    tiny models built in two processes (a test and a Ray worker) read a prompt alike."""
+    import subprocess
+    import sys
+
+    code = ("from distar.models import tiny; t = tiny._tokenizer(); "
+            "print([t(w).input_ids for w in tiny.WORDS], t('a small red circle on the left').input_ids)")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2] and runs[0].startswith("[[")
+
+
 def test_nested_conditioning_concatenates_and_expands_leaf_by_leaf():
     one = {"encoder_hidden_states": torch.randn(1, 4, 6), "added_cond_kwargs": {"text_embeds": torch.randn(1, 3), "time_ids": torch.randn(1, 6)}}
     many = expand_cond(one, 3)

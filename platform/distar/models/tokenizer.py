@@ -21,8 +21,8 @@ def build_word_tokenizer(words: list[str], max_length: int) -> CLIPTokenizer:
     trainer = trainers.BpeTrainer(vocab_size=1_000_000, min_frequency=1, end_of_word_suffix="</w>", show_progress=False)
     bpe.train_from_iterator(sorted(set(words)), trainer)
     learned = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = {}
-    for token in chars + [c + "</w>" for c in chars] + list(learned["vocab"]) + list(SPECIAL):
+    vocab: dict[str, int] = {}  # ids in sorted order: the trainer breaks ties in a per-process hash order
+    for token in chars + [c + "</w>" for c in chars] + sorted(learned["vocab"]) + list(SPECIAL):
         vocab.setdefault(token, len(vocab))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
