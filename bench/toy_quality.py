@@ -109,14 +109,14 @@ def main() -> int:
     p.add_argument("--cfg", type=float, default=None, help="reference guidance scale (default: the run config's)")
     p.add_argument("--guard", type=Path, default=None, help="YAML file: judges to margins, replayed on each training's validations")
     args = p.parse_args()
-    cfg = load_config()
+    cfg = load_config(None, args.overrides)
     cfg_scale = args.cfg if args.cfg is not None else cfg.objective.cfg_scale
 
     runs = {(d, s): args.runs / (f"bench-{d}" + (f"-seed{s}" if s else "")) for s in args.seeds for d in DIVERGENCES}
     folders = {(d, s): trained(folder, d, s, args.overrides) for (d, s), folder in runs.items()}
     reference = Subject("reference", f"reference, {args.steps} DDIM steps, CFG {cfg_scale:g}",
                         lambda: Sampler(assets.path("reference"), args.steps, cfg_scale, world.SIZE))
-    rows = [reference] + [Subject(str(f), f"{DIVERGENCES[d]}, seed {s}, 1000 steps", lambda f=f: Sampler(f, resolution=world.SIZE))
+    rows = [reference] + [Subject(str(f), f"{DIVERGENCES[d]}, seed {s}, {cfg.run.steps} steps", lambda f=f: Sampler(f, resolution=world.SIZE))
                           for (d, s), f in folders.items()]
     prompts = world.held_out_prompts(args.prompts, HELD_OUT_SEED)
     judges = load_judges(cfg, prompts)
