@@ -37,7 +37,7 @@ def plan(args) -> int:
     cfg = absolute_paths(load_config(args.config, args.overrides))
     kinds = {"this GPU": args.gpu_memory} if args.gpu_memory else fit.GPU_KINDS
     planned = fit.roles(cfg)
-    print(f"{cfg.run.name}: {cfg.model.family} at {cfg.model.resolution} px in {cfg.model.dtype}, ZeRO-{cfg.cluster.zero()} "
+    print(f"{cfg.run.name}: {cfg.model.family} at {cfg.model.resolution} px in {cfg.model.dtype}, ZeRO-{cfg.zero()} "
           f"over {cfg.cluster.trainer_workers} trainer workers, batch {cfg.data.batch_size}; sizes in GiB")
     print(fit.table(planned, kinds))
     if not any(r.gpus for r in planned):

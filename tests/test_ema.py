@@ -14,6 +14,7 @@ from distar.run import in_process
 from distar.run.ema import GeneratorEMA, with_average
 from distar.run.loop import RunLoop
 from distar.run.validation import Validation
+from exported import exported_unet, largest_difference
 
 SMOKE = "jobs/configs/smoke.yaml"
 # Large steps of the average, and an Adam eps that keeps weights with rounding-level gradients still
@@ -85,17 +86,6 @@ def test_the_model_card_says_which_weights_the_version_holds():
 
 # --------------------------------------------------------------------------- runs with the average on
 
-def exported(folder) -> dict[str, torch.Tensor]:
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_pretrained(folder / "generator" / "unet").state_dict()
-
-
-def largest_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def recording(runtime_class):
     """The runtime, noting the generator's weights before training and after every applied update."""
 
@@ -124,17 +114,17 @@ def test_a_run_exports_and_validates_the_average_and_resumes_it_exactly(tmp_path
     expected = runtime.seen[0]
     for weights in runtime.seen[1:]:
         expected = {k: 0.5 * expected[k] + 0.5 * weights[k] for k in expected}
-    assert len(runtime.seen) == 4 and largest_difference(exported(tmp_path / "whole"), expected) < 1e-6
+    assert len(runtime.seen) == 4 and largest_difference(exported_unet(tmp_path / "whole"), expected) < 1e-6
     [last] = [line for line in lines if line.startswith("validation at step 3 ")]
     logged = dict(kv.split("=") for kv in last.partition(" | ")[2].split())  # printed to 4 significant digits
-    loop.generator.unet.load_state_dict(exported(tmp_path / "whole"))  # the exported weights, validated without the loop's EMA
+    loop.generator.unet.load_state_dict(exported_unet(tmp_path / "whole"))  # the exported weights, validated without the loop's EMA
     again = Validation(cfg, loop.parts, loop.latent_shape, loop.score_rewards)(loop.generator)
     assert float(logged["reward/pickscore"]) == pytest.approx(again["val/reward/pickscore"], rel=1e-3)
 
     halves = [*ALIKE, "run.checkpoint_every=2", f"run.output_dir={tmp_path / 'halves'}"]
     in_process.train(load_config(SMOKE, [*halves, "run.steps=2"]), log=lambda line: None)
     in_process.train(load_config(SMOKE, [*halves, "run.steps=3"]), log=lambda line: None)
-    assert largest_difference(exported(tmp_path / "halves"), exported(tmp_path / "whole")) == 0  # one process: bit for bit
+    assert largest_difference(exported_unet(tmp_path / "halves"), exported_unet(tmp_path / "whole")) == 0  # one process: bit for bit
 
 
 @pytest.mark.slow
@@ -155,7 +145,7 @@ def test_on_deepspeed_zero3_a_resumed_run_exports_the_one_process_average(deepsp
     assert (tmp_path / "zero3" / "checkpoints" / "checkpoint_000002" / "ema_rank0.pt").is_file()
     partitioned = [p for p in runtime.ema.params if not p.ds_persist]
     assert len(partitioned) == (len(runtime.ema.params) if persistence == 0 else 0)
-    assert largest_difference(exported(tmp_path / "zero3"), exported(tmp_path / "one")) < 1e-6
+    assert largest_difference(exported_unet(tmp_path / "zero3"), exported_unet(tmp_path / "one")) < 1e-6
 
 
 @pytest.mark.slow
@@ -170,4 +160,4 @@ def test_across_two_ray_train_ranks_each_keeps_and_resumes_its_half_of_the_avera
         proc = jobs.run("train.py", *[a for s in [*on_ray, f"run.steps={steps}"] for a in ("--set", s)], env=ray_cluster.run_env)
         assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     assert "resuming from the checkpoint at step 2" in proc.stdout + proc.stderr
-    assert largest_difference(exported(tmp_path / "two"), exported(tmp_path / "one")) < 1e-6
+    assert largest_difference(exported_unet(tmp_path / "two"), exported_unet(tmp_path / "one")) < 1e-6

@@ -31,6 +31,9 @@ def test_zero_shards_the_states_then_the_gradients_then_the_weights():
     assert trainer_at(3, 1).training > trainer_at(3, 2).training > three.training
     # before ZeRO shards them: the reference UNet in float32 and the two masters copied from it
     assert three.loading == 20_000 + 3 * 4 * 1_000_000 == three.total
+    # with adapters on one base: the base among the frozen networks, adapters alone trained, no float32 UNet while loading
+    lora = fit.trainer_role(load_config(None, ["cluster.zero_stage=2", "cluster.trainer_workers=4", "model.lora={rank: 4}"]), MEASURED)
+    assert (lora.weights, lora.gradients, lora.states, lora.loading) == (20_000 + 4 * p, 4 * p // 4, 8 * p // 4, 20_000 + 4 * p)
     # the generator's EMA: float32 on what the rank steps, its partition under ZeRO-3
     assert trainer_at(3, 4, "optim.ema_decay=0.99").states - three.states == 4 * 1_000_000 // 4
     assert trainer_at(1, 4, "optim.ema_decay=0.99").states - one.states == 4 * 1_000_000
@@ -57,10 +60,11 @@ def test_a_run_on_cpu_is_not_planned_and_a_gpu_run_that_cannot_fit_is_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("role", [peaks.trainer, peaks.reference, peaks.reward], ids=lambda f: f.__name__)
-def test_fake_tensors_measure_the_same_peak_as_real_ones(role):
+@pytest.mark.parametrize("role, sets", [(peaks.trainer, []), (peaks.trainer, ["model.lora={rank: 4}", "model.dtype=bfloat16"]),
+                                        (peaks.reference, []), (peaks.reward, [])], ids=["trainer", "trainer-lora-bf16", "reference", "reward"])
+def test_fake_tensors_measure_the_same_peak_as_real_ones(role, sets):
     """The plan's peak (fake tensors: nothing allocated) against the same work on real tensors."""
-    cfg = load_config(None, ["model.reference=tiny-random", "rewards.0.source=tiny-random", "rewards.1.source=tiny-random"])
+    cfg = load_config(None, ["model.reference=tiny-random", "rewards.0.source=tiny-random", "rewards.1.source=tiny-random", *sets])
     arch = architectures.architecture(cfg)
     planned, real = role(arch, cfg, fake=True), role(arch, cfg, fake=False)
     assert (planned.frozen_bytes, planned.trainable) == (real.frozen_bytes, real.trainable)

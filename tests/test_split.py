@@ -1,14 +1,15 @@
 """Split equals monolithic: the generator gradient assembled from separate roles (reward worker,
 reference worker, trainer) equals one autograd graph over every network, on tiny diffusers models
-of both families (SD1.5's single text encoder, SDXL's nested conditioning)."""
+of both families (SD1.5's single text encoder, SDXL's nested conditioning), and with the generator
+and the fake score as LoRA adapters on the reference UNet itself (model.lora)."""
 
 import copy
 
 import pytest
 import torch
 
-from distar.config import ObjectiveSection, OptimSection, RewardSpec
-from distar.models import tiny
+from distar.config import LoraSpec, ObjectiveSection, OptimSection, RewardSpec
+from distar.models import lora, tiny
 from distar.models.diffusion import Denoiser, OneStepGenerator, load_parts
 from distar.rewards import load_reward
 from distar.roles.reference_worker import ReferenceResult, ReferenceWorker
@@ -30,13 +31,25 @@ def perturbed(module, scale, seed):
     return out.requires_grad_(True)
 
 
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def adapted(unet, seed):
+    """A LoRA adapter on `unet` itself (its parameters shared, frozen), in float64 and random (a
+    fresh one is zero), so generator, fake score and reference all disagree."""
+    out = lora.with_adapter(unet, LoraSpec(rank=2))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (p for p in out.parameters() if p.requires_grad):
+            p.data = 0.2 * torch.randn(p.shape, generator=g, dtype=torch.float64)
+    return out
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl", "sd15+lora"])
 def world(request, tmp_path_factory, tiny_clip):
-    family = request.param
+    family, adapters = request.param.removesuffix("+lora"), request.param.endswith("+lora")
     folder = {"sd15": tiny.build_sd15_pipeline, "sdxl": tiny.build_sdxl_pipeline}[family](tmp_path_factory.mktemp(family) / family)
     parts = load_parts(folder, 1000, torch.float64, family, tiny.RESOLUTION)
-    generator = OneStepGenerator(perturbed(parts.unet, 0.3, 1), parts.schedule, t_star=399)
-    fake = Denoiser(perturbed(parts.unet, 0.3, 2), parts.schedule)
+    network = adapted if adapters else lambda unet, seed: perturbed(unet, 0.3, seed)
+    generator = OneStepGenerator(network(parts.unet, 1), parts.schedule, t_star=399)
+    fake = Denoiser(network(parts.unet, 2), parts.schedule)
     rewards = {r.name: load_reward(r.name, tiny_clip).double() for r in REWARDS}
     return parts, generator, fake, rewards
 
@@ -89,7 +102,8 @@ def trainer_for(world, objective, query_reference=None):
 
 
 def gradient(loss, module):
-    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(module.parameters()))])
+    """The gradient with respect to the trained parameters (with adapters, not the frozen base's)."""
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, [p for p in module.parameters() if p.requires_grad])])
 
 
 def relative_error(a, b):

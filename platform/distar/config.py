@@ -51,27 +51,25 @@ class RunSection(Section):
     guard: GuardSection = Field(default_factory=GuardSection, description="The guard against reward hacking (distar.run.guard).")
 
 
+class LoraSpec(Section):
+    rank: int = Field(8, ge=1, description="Adapter rank r, the same for the generator and the fake score.")
+    alpha: Positive | None = Field(None, description="LoRA alpha: the adapters' update is scaled by alpha / rank; default: the rank.")
+    target_modules: list[Source] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="UNet modules that get adapters, by name or name suffix.")
+
+
 class ModelSection(Section):
-    family: Literal["toy", "sd15", "sdxl"] = Field(
-        "toy",
-        description="How prompts condition the UNet. toy, sd15: one CLIP text encoder (SD1.5 structure); "
-        "sdxl: two text encoders, pooled text embeddings and size/crop time ids.",
-    )
-    reference: Source = Field(
-        "toy", description="Reference diffusion model: a diffusers folder, hub id, `toy` (the shapes world's) or `tiny-random` (untrained smoke-test models)."
-    )
+    family: Literal["toy", "sd15", "sdxl"] = Field("toy", description="How prompts condition the UNet. toy, sd15: one CLIP text encoder (SD1.5 "
+                                                   "structure); sdxl: two text encoders, pooled text embeddings and size/crop time ids.")
+    reference: Source = Field("toy", description="Reference diffusion model: a diffusers folder, hub id, `toy` (the shapes world's) or `tiny-random`.")
     generator_init: str | None = Field(None, description="Initial generator weights in the reference UNet's architecture: a diffusers pipeline or UNet folder, "
                                        "or a state-dict file (.safetensors, .bin, .pt; DMD2's one-step UNets); default: the reference UNet.")
     t_star: int = Field(399, ge=1, description="Timestep at which the one-step generator reads its noise input z as x_t*.")
     num_train_timesteps: int = Field(1000, ge=2, description="Length of the reference's discrete schedule; checked against its scheduler config at load.")
     resolution: int = Field(32, ge=8, description="Generated image side in pixels.")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Compute dtype of every forward; trainable weights and optimiser states stay float32 (distar.models.precision)."
-    )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward passes (generator, fake score, the reference's backward to x_t, "
-        "the reward VAE decode): about a third more compute for a fraction of the activation memory."
-    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of every forward; trainable weights and optimiser states stay float32.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward passes (generator, fake score, the reference's "
+                                         "backward to x_t, the reward VAE decode): about a third more compute for a fraction of the activation memory.")
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters on one shared frozen base UNet instead of two full UNets (distar.models.lora); null: off.")
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -90,9 +88,8 @@ class ObjectiveSection(Section):
     t_min: int = Field(20, ge=0, description="Smallest diffusion timestep sampled for the divergence.")
     t_max: int = Field(979, ge=1, description="Largest diffusion timestep sampled for the divergence.")
     cfg_scale: NonNegative = Field(4.5, description="Classifier-free guidance scale w of the reference.")
-    cfg_placement: Literal["inside", "outside", "none"] = Field(
-        "inside", description="inside: guided reference in the divergence; outside: guidance as an implicit reward; none: unguided."
-    )
+    cfg_placement: Literal["inside", "outside", "none"] = Field("inside", description="inside: guided reference in the divergence; outside: "
+                                                                "guidance as an implicit reward; none: unguided.")
 
 
 class RewardSpec(Section):
@@ -146,12 +143,8 @@ class ClusterSection(Section):
     zero_stage: Literal[1, 2, 3] | None = Field(
         None, description="DeepSpeed ZeRO stage of the trainer engines: 3 shards parameters, gradients and Adam states over the trainer workers, "
         "2 gradients and Adam states, 1 Adam states. Default: 3 with several workers, 1 with one (nothing to shard: ZeRO-3's per-layer hooks "
-        "and ZeRO-2's per-gradient ones would only cost time).")
+        "and ZeRO-2's per-gradient ones would only cost time); 2 with model.lora, whose networks share one base.")
     max_failures: int = Field(3, ge=0, description="Trainer worker-group restarts (from the last checkpoint) before the run fails.")
-
-    def zero(self) -> int:
-        """The ZeRO stage the trainer engines run."""
-        return self.zero_stage if self.zero_stage is not None else (3 if self.trainer_workers > 1 else 1)
 
 
 class TrackingSection(Section):
@@ -174,6 +167,11 @@ class RunConfig(Section):
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
 
+    def zero(self) -> int:
+        """The ZeRO stage the trainer engines run."""
+        several, stage = self.cluster.trainer_workers > 1, self.cluster.zero_stage
+        return stage if stage is not None else (1 if not several else 2 if self.model.lora else 3)
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         T, obj = self.model.num_train_timesteps, self.objective  # cross-field checks; each message starts with the field path it blames
@@ -195,6 +193,8 @@ class RunConfig(Section):
         guard, trained = self.run.guard, [f"reward/{r.name}" for r in self.rewards if r.weight > 0]
         if guard.enabled and not (guard.judges and self.data.validation_size):
             raise ValueError("run.guard.enabled: the guard watches held-out judges at validations; it needs run.guard.judges and data.validation_size > 0")
+        if self.model.lora and self.cluster.zero_stage == 3:  # two engines would each partition the base they share
+            raise ValueError("cluster.zero_stage: 3 shards parameters, but with model.lora the generator and the fake score share one frozen base; use 1 or 2")
         for name in set(guard.judges) & set(trained):
             raise ValueError(f"run.guard.judges.{name}: this reward is trained (weight > 0), not held out; give it weight 0 or watch another judge")
         return self

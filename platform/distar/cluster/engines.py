@@ -30,7 +30,7 @@ def ds_config(cfg: RunConfig, spec: OptimizerSpec) -> dict:
         # under autocast in model.dtype (distar.models.precision), so DeepSpeed's bf16 mode stays off.
         "bf16": {"enabled": False},
         "zero_optimization": {
-            "stage": cfg.cluster.zero(),
+            "stage": cfg.zero(),
             "overlap_comm": torch.cuda.is_available(),  # no streams to overlap on CPU
             # Parameters under 1e5 elements stay whole on every rank (DeepSpeed's default), where a gather
             # costs more than the memory it saves; gradients and Adam states are sharded all the same.
@@ -94,19 +94,20 @@ class Engines:
         for engine in self.by_tag.values():
             time_zero(engine, timing)
         self.ema, self.rank = GeneratorEMA.of(generator, optim.ema_decay), rank  # after the engines: it averages ZeRO-3's partitions
+        self.frozen = any(not p.requires_grad for p in [*generator.parameters(), *fake.parameters()])  # a base not in the checkpoints
 
     def updates(self) -> tuple[Update, Update]:
         return with_average(EngineUpdate(self.by_tag["generator"]), self.ema), EngineUpdate(self.by_tag["fake_score"])
 
     def write(self, folder: str) -> None:
-        for tag, engine in self.by_tag.items():
-            engine.save_checkpoint(folder, tag=tag, save_latest=False)
+        for tag, engine in self.by_tag.items():  # with model.lora, not the frozen base both networks share
+            engine.save_checkpoint(folder, tag=tag, save_latest=False, exclude_frozen_parameters=True)
         if self.ema:
             self.ema.save(Path(folder), self.rank)
 
     def read(self, folder: str) -> None:
         for tag, engine in self.by_tag.items():
-            engine.load_checkpoint(folder, tag=tag)
+            engine.load_checkpoint(folder, tag=tag, load_module_strict=not self.frozen)
         if self.ema:
             self.ema.load(Path(folder), self.rank)
 

@@ -225,12 +225,14 @@ def _load_conditioner(folder: Path, index: dict, family: Family, dtype: torch.dt
 
 def export_generator(generator: OneStepGenerator, reference_folder: Path, out: str | Path) -> Path:
     """Write the generator as a full pipeline folder: the reference's VAE and text encoders, the
-    generator's UNet, and an LCM scheduler (as DMD2 ships) that with `timesteps=[t*]` takes one
-    step from t* to x0. `distar.json` records t* for tools that sample it. Only what that pipeline
-    loads is copied (sources.needed): a reference's root checkpoints, variants, safety checker and
-    README would otherwise ride along into every registered version."""
+    generator's UNet (merged with its LoRA adapter, which is also written alone: distar.models.lora),
+    and an LCM scheduler (as DMD2 ships) that with `timesteps=[t*]` takes one step from t* to x0.
+    `distar.json` records t* for tools that sample it. Only what that pipeline loads is copied
+    (sources.needed): a reference's root checkpoints, variants, safety checker and README would
+    otherwise ride along into every registered version."""
     from diffusers import LCMScheduler
 
+    from distar.models import lora
     from distar.models.sources import PIPELINE_COMPONENTS, select
 
     out = Path(out)
@@ -241,7 +243,11 @@ def export_generator(generator: OneStepGenerator, reference_folder: Path, out: s
         if name.split("/")[0] not in ("unet", "scheduler"):
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(reference_folder / name, tmp / name)  # the content, not a hub cache's symlink
-    generator.unet.save_pretrained(tmp / "unet")
+    if lora.has_adapter(generator.unet):  # the merged UNet for the stock pipeline, and the adapter for load_lora_weights
+        lora.merged(generator.unet).save_pretrained(tmp / "unet")
+        lora.save_adapter(generator.unet, tmp)
+    else:
+        generator.unet.save_pretrained(tmp / "unet")
     scheduler_config = json.loads((reference_folder / "scheduler" / "scheduler_config.json").read_text())
     keep = {k: scheduler_config[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type") if k in scheduler_config}
     # A huge timestep_scaling makes LCM's boundary weight c_skip ~ 1e-12: its step is the x0-prediction.

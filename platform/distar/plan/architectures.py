@@ -158,12 +158,16 @@ def reward(cfg: RunConfig, i: int) -> RewardNet:
     return RewardNet(spec.name, Net("transformers.CLIPModel", published.HUB_CLIPS[repo]))
 
 
+def pipeline(cfg: RunConfig) -> Architecture:
+    """The reference pipeline's networks, by config (no rewards)."""
+    m = cfg.model
+    arch = _local(m.reference, m.family, "model.reference", lambda folder: pipeline_from_folder(folder, m.family))
+    return arch if arch is not None else published_pipeline(m.family, "model.reference", m.reference)
+
+
 def architecture(cfg: RunConfig) -> Architecture:
     """Every network a run's roles hold, by config; raises a UserError for a source that cannot be
     had and CannotPlan for an architecture that is not known here."""
-    m = cfg.model
-    arch = _local(m.reference, m.family, "model.reference", lambda folder: pipeline_from_folder(folder, m.family))
-    if arch is None:
-        arch = published_pipeline(m.family, "model.reference", m.reference)
+    arch = pipeline(cfg)
     arch.rewards = [reward(cfg, i) for i in range(len(cfg.rewards))]
     return arch

@@ -9,7 +9,9 @@ UNet, text encoders and VAE on a reference replica; VAE and reward models on a r
 are whole, in model.dtype. With optim.ema_decay, the generator's average (float32, on the rank's
 partition under ZeRO-3) counts with the optimiser states. The activation peak of one micro-batch is measured (distar.plan.peaks).
 Before ZeRO shards anything, a trainer rank loads the reference UNet in float32 and copies it into
-both masters (distar.run.loop): three whole float32 UNets, often the larger of its two peaks.
+both masters (distar.run.loop): three whole float32 UNets, often the larger of its two peaks. With
+model.lora it holds the UNet once, frozen, in model.dtype, among its frozen networks, and trains
+float32 adapters (distar.models.lora): they alone have gradients and Adam states.
 
 A role fits a GPU when its bytes plus headroom() (the CUDA context, NCCL's buffers and the caching
 allocator's fragmentation) are within its share of it: a replica with num_gpus 0.5 has half a GPU.
@@ -69,7 +71,7 @@ class Role:
 
 
 def trainer_role(cfg: RunConfig, measured: peaks.Measured) -> Role:
-    stage, n = cfg.cluster.zero(), cfg.cluster.trainer_workers
+    stage, n = cfg.zero(), cfg.cluster.trainer_workers
     nets = measured.trainable  # the generator's first
     trainable = sum(net["params"] for net in nets)
     own = [-(-(net["params"] - net["persistent"]) // n) + net["persistent"] if stage == 3 else net["params"] for net in nets]
@@ -80,7 +82,7 @@ def trainer_role(cfg: RunConfig, measured: peaks.Measured) -> Role:
                 measured.frozen_bytes + 4 * held, 4 * (-(-trainable // n) if stage >= 2 else trainable),
                 8 * -(-trainable // n) + ema, measured.activations,
                 "more cluster.trainer_workers under ZeRO-3, model.gradient_checkpointing or a smaller data.batch_size lower it",
-                loading=measured.frozen_bytes + 3 * 4 * max(net["params"] for net in nets))
+                loading=measured.frozen_bytes + (4 * trainable if cfg.model.lora else 3 * 4 * max(net["params"] for net in nets)))
 
 
 def frozen_role(name: str, pool: str, cfg: RunConfig, measured: peaks.Measured) -> Role:

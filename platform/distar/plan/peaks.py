@@ -33,7 +33,7 @@ from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from distar.cluster.engines import PERSISTENCE_THRESHOLD
 from distar.config import RunConfig
 from distar.errors import UserError
-from distar.models import precision, tiny
+from distar.models import lora, precision, tiny
 from distar.models.tokenizer import build_word_tokenizer
 from distar.plan.architectures import Architecture, RewardNet, default_dtype
 
@@ -88,10 +88,25 @@ def _frozen(*modules: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
 
-def _trainable(module: nn.Module) -> dict:
-    sizes = [p.numel() for p in module.parameters()]
-    layers = [sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()]
+def _trainable(module: nn.Module, trained: list[nn.Parameter]) -> dict:
+    """The sizes ZeRO's accounting needs of the module's `trained` parameters."""
+    ids = {id(p) for p in trained}
+    sizes = [p.numel() for p in trained]
+    layers = [sum(p.numel() for p in m.parameters(recurse=False) if id(p) in ids) for m in module.modules()]
     return dict(params=sum(sizes), persistent=sum(n for n in sizes if n < PERSISTENCE_THRESHOLD), largest_layer=max(layers))
+
+
+@contextlib.contextmanager
+def _adapters_left_where_built():
+    """Module.to as a no-op while adapters are added. peft moves each new adapter to its base layer's
+    device and dtype, which a fake module cannot do (it cannot swap its parameters); built on that
+    device in float32, the adapters are already where distar.models.lora puts them after the move."""
+    to = nn.Module.to
+    nn.Module.to = lambda module, *args, **kwargs: module
+    try:
+        yield
+    finally:
+        nn.Module.to = to
 
 
 def _checkpointed(cfg: RunConfig, module: nn.Module) -> nn.Module:
@@ -138,14 +153,19 @@ def trainer(arch: Architecture, cfg: RunConfig, fake: bool = True, peak=transien
         schedule = Schedule.from_scheduler_config(arch.scheduler)
         conditioner = _conditioner(arch, cfg, dtype)
         vae = arch.vae.build(dtype)  # held by every rank (distar.run.loop), used by rank 0's validation
-        # float32 masters (build.trainable_networks); the fake score is frozen through the generator update.
-        gen_unet = _checkpointed(cfg, arch.unet.build().requires_grad_(True))
-        fake_unet = _checkpointed(cfg, arch.unet.build().requires_grad_(False))
-        generator = OneStepGenerator(gen_unet, schedule, cfg.model.t_star, dtype)
-        fake_score = Denoiser(fake_unet, schedule, dtype)
+        if cfg.model.lora is None:  # float32 masters (build.trainable_networks)
+            bases, (gen_unet, fake_unet) = [], (arch.unet.build().requires_grad_(True) for _ in range(2))
+        else:  # float32 adapters on one frozen base in model.dtype (distar.models.lora)
+            bases = [arch.unet.build(dtype)]
+            with _adapters_left_where_built():
+                gen_unet, fake_unet = (lora.with_adapter(bases[0], cfg.model.lora) for _ in range(2))
+        trained = [[p for p in unet.parameters() if p.requires_grad] for unet in (gen_unet, fake_unet)]
+        fake_unet.requires_grad_(False)  # frozen through the generator update
+        generator = OneStepGenerator(_checkpointed(cfg, gen_unet), schedule, cfg.model.t_star, dtype)
+        fake_score = Denoiser(_checkpointed(cfg, fake_unet), schedule, dtype)
         spec = cfg.optim.generator
-        optimizer = torch.optim.AdamW(gen_unet.parameters(), lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
-        for p in gen_unet.parameters():  # the states exist from the first step on: create them
+        optimizer = torch.optim.AdamW(trained[0], lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+        for p in trained[0]:  # the states exist from the first step on: create them
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -162,7 +182,7 @@ def trainer(arch: Architecture, cfg: RunConfig, fake: bool = True, peak=transien
             optimizer.zero_grad(set_to_none=True)
 
         activations = peak(update, [gen_unet, fake_unet, conditioner, vae, optimizer])
-        return Measured(*_frozen(conditioner, vae), [_trainable(gen_unet), _trainable(fake_unet)], activations)
+        return Measured(*_frozen(conditioner, vae, *bases), [_trainable(unet, params) for unet, params in zip((gen_unet, fake_unet), trained)], activations)
 
 
 def reference(arch: Architecture, cfg: RunConfig, fake: bool = True, peak=transient_peak) -> Measured:

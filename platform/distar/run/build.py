@@ -17,7 +17,7 @@ import torch
 from distar.config import ConfigError, RunConfig
 from distar.data import load_prompts, validation_prompts
 from distar.errors import UserError
-from distar.models import precision, sources
+from distar.models import lora, precision, sources
 from distar.models.diffusion import Denoiser, DiffusionParts, OneStepGenerator, check_pipeline_folder, decode_latents, load_parts, load_vae
 from distar.rewards import REWARDS, MissingProcessorError, load_reward
 from distar.roles.reference_worker import ReferenceWorker
@@ -40,6 +40,7 @@ def check_inputs(cfg: RunConfig) -> None:
                 raise ConfigError(f"model.reference: {e.message}") from None
         if m.generator_init is not None:
             sources.resolve(m.generator_init, m.family, cache_dir(), "model.generator_init", fetch=False, files="unet")
+        check_lora(cfg)
         check_rewards(cfg)
         check_validation_features(cfg)
         check_guard(cfg)
@@ -47,6 +48,21 @@ def check_inputs(cfg: RunConfig) -> None:
         raise
     except UserError as e:  # a value of the config names what cannot be read
         raise ConfigError(e.message) from None
+
+
+def check_lora(cfg: RunConfig) -> None:
+    """model.lora's targets name modules of the reference UNet, built from its config on the meta
+    device (no weights, no download; an architecture not known here is checked when adapters are added)."""
+    from distar.plan.architectures import CannotPlan, pipeline
+
+    if cfg.model.lora is None:
+        return
+    try:
+        unet = pipeline(cfg).unet
+    except CannotPlan:
+        return
+    with torch.device("meta"):
+        lora.check_targets(unet.build(), cfg.model.lora.target_modules)
 
 
 def check_guard(cfg: RunConfig) -> None:
@@ -104,10 +120,11 @@ def reference_folder(cfg: RunConfig) -> Path:
 
 
 def reference_parts(cfg: RunConfig, device: torch.device | str = "cpu", trainer: bool = False) -> DiffusionParts:
-    """The reference's parts in model.dtype; a trainer's UNet in float32, the masters it initialises."""
+    """The reference's parts in model.dtype; a trainer's UNet in float32, the masters it initialises
+    (with model.lora, in model.dtype: the frozen base of the adapters)."""
     m, dtype = cfg.model, dtype_of(cfg)
     precision.check_device(dtype, device)
-    unet_dtype = torch.float32 if trainer else dtype
+    unet_dtype = torch.float32 if trainer and m.lora is None else dtype
     return load_parts(reference_folder(cfg), m.num_train_timesteps, dtype, m.family, m.resolution, unet_dtype).to(device)
 
 
@@ -137,16 +154,21 @@ def reference_worker(cfg: RunConfig, parts: DiffusionParts) -> ReferenceWorker:
 
 def trainable_networks(cfg: RunConfig, parts: DiffusionParts) -> tuple[OneStepGenerator, Denoiser]:
     """The generator (from generator_init, else a copy of the reference UNet) and the fake score
-    (a copy of the reference UNet). Seeded: every trainer rank builds the same networks."""
+    (a copy of the reference UNet); with model.lora, an adapter each on the reference UNet itself
+    (the generator's on generator_init's UNet when set). Seeded: every trainer rank builds the same networks."""
     torch.manual_seed(cfg.run.seed)
+    lora_spec = cfg.model.lora
     if cfg.model.generator_init is None:
-        gen_unet = copy.deepcopy(parts.unet)
+        gen_unet = parts.unet if lora_spec else copy.deepcopy(parts.unet)
     else:  # a pipeline or UNet folder, or a bare state dict (DMD2's), always in the reference's architecture
         from distar.models.checkpoints import initial_unet
 
         init = sources.resolve(cfg.model.generator_init, cfg.model.family, cache_dir(), "model.generator_init", files="unet")
         gen_unet = initial_unet(init, parts.unet, "model.generator_init")
-    trainable = lambda unet: checkpointed(cfg, unet.float().requires_grad_(True))  # noqa: E731 -- float32 masters
+    if lora_spec:
+        trainable = lambda unet: checkpointed(cfg, lora.with_adapter(unet, lora_spec))  # noqa: E731 -- float32 adapters on a frozen base
+    else:
+        trainable = lambda unet: checkpointed(cfg, unet.float().requires_grad_(True))  # noqa: E731 -- float32 masters
     generator = OneStepGenerator(trainable(gen_unet), parts.schedule, cfg.model.t_star, dtype_of(cfg))
-    fake = Denoiser(trainable(copy.deepcopy(parts.unet)), parts.schedule, dtype_of(cfg))
+    fake = Denoiser(trainable(parts.unet if lora_spec else copy.deepcopy(parts.unet)), parts.schedule, dtype_of(cfg))
     return generator, fake

@@ -39,14 +39,15 @@ class TorchUpdate:
 
     def __init__(self, module: nn.Module, spec: OptimizerSpec, grad_clip: float | None):
         self.module, self.clip = module, grad_clip if grad_clip is not None else float("inf")
-        self.opt = torch.optim.AdamW(module.parameters(), lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+        self.params = [p for p in module.parameters() if p.requires_grad]  # with model.lora, the adapters alone
+        self.opt = torch.optim.AdamW(self.params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
 
     def __call__(self, loss: Tensor) -> float:
         """Back-propagate the loss and step; returns the gradient norm before clipping. A
         non-finite norm (a finite loss can still have one) skips the step, as DeepSpeed does."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip).item()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip).item()
         if math.isfinite(norm):
             self.opt.step()
         return norm
@@ -149,15 +150,20 @@ class InProcess:
         self._read(guard.folder(self.cfg))
 
     def _write(self, folder: Path) -> None:
+        """The trainable parameters only: with model.lora, the adapters and not the frozen base they share."""
         for name, update in self.networks.items():
-            torch.save({"module": update.module.state_dict(), "optimizer": update.opt.state_dict()}, folder / f"{name}.pt")
+            trained = {k: p.detach() for k, p in update.module.named_parameters() if p.requires_grad}
+            torch.save({"module": trained, "optimizer": update.opt.state_dict()}, folder / f"{name}.pt")
         if self.ema:
             self.ema.save(folder, self.rank)
 
     def _read(self, folder: Path) -> None:
         for name, update in self.networks.items():
             state = torch.load(folder / f"{name}.pt", weights_only=True)
-            update.module.load_state_dict(state["module"])
+            missing, unexpected = update.module.load_state_dict(state["module"], strict=False)
+            if unexpected or any(p.requires_grad for k, p in update.module.named_parameters() if k in missing):
+                raise UserError(f"{folder} holds other parameters of {name} than this run trains (model.lora changed?): "
+                                f"{len(unexpected)} unknown, {len(missing)} not in it")
             update.opt.load_state_dict(state["optimizer"])
         if self.ema:
             self.ema.load(folder, self.rank)

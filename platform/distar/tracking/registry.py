@@ -28,6 +28,7 @@ from mlflow.types import ColSpec, Schema
 
 from distar.config import RunConfig
 from distar.errors import UserError
+from distar.models.lora import WEIGHTS_NAME
 from distar.models.sampling import Sampler
 from distar.tracking import store
 
@@ -71,6 +72,16 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"prompt": prompts, "seed": seeds, "image": images})
 
 
+def adapter_line(cfg: RunConfig) -> str:
+    """What a LoRA run's folder holds besides the merged UNet (distar.models.lora)."""
+    spec = cfg.model.lora
+    if spec is None:
+        return "- Training: full fine-tuning of the UNet\n"
+    base = store.redact(cfg.model.generator_init or cfg.model.reference)
+    return (f"- Training: a LoRA adapter (rank {spec.rank}, alpha {spec.alpha or spec.rank:g}, on {', '.join(spec.target_modules)}); unet/ "
+            f"holds it merged into its base, and `{WEIGHTS_NAME}` the adapter alone: `pipe.load_lora_weights(folder)` on a pipeline of `{base}`\n")
+
+
 def model_card(cfg: RunConfig, metrics: dict[str, float], t_star: int) -> str:
     rewards = ", ".join(f"{r.name} (weight {r.weight:g})" for r in cfg.rewards)
     shown = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()) if not k.startswith("system/"))
@@ -85,7 +96,7 @@ tags: [distar, diff-instruct-star, one-step, text-to-image]
 - Rewards: {rewards}
 - Steps: {cfg.run.steps} generator updates of batch {cfg.data.batch_size} per worker x {cfg.cluster.trainer_workers} workers, seed {cfg.run.seed}
 - Weights: {f"the exponential moving average of the generator's weights, decay {cfg.optim.ema_decay:g}" if cfg.optim.ema_decay is not None else "the generator's own (no EMA)"}
-- Sampling: one step at t* = {t_star} (the folder's LCM scheduler with `timesteps=[{t_star}]`, guidance scale 1)
+{adapter_line(cfg)}- Sampling: one step at t* = {t_star} (the folder's LCM scheduler with `timesteps=[{t_star}]`, guidance scale 1)
 
 ## Last logged metrics
 
