@@ -3,6 +3,7 @@ against real ones), jobs/plan.py on the published SD1.5 preset, and the check jo
 
 import pytest
 
+from distar.cluster.engines import REDUCE_BUCKET
 from distar.config import load_config
 from distar.errors import UserError
 from distar.models import published
@@ -20,20 +21,21 @@ def trainer_at(stage: int, workers: int, *sets: str) -> fit.Role:
 
 def test_zero_shards_the_states_then_the_gradients_then_the_weights():
     p = 2_000_000  # both networks
+    buckets = 2 * 4 * REDUCE_BUCKET  # a float32 reduction bucket for each network's engine: two of them under ZeRO-1/2 on a GPU
     one = trainer_at(1, 4)
-    assert (one.weights, one.gradients, one.states) == (20_000 + 4 * p, 4 * p, 8 * p // 4)
+    assert (one.weights, one.gradients, one.states) == (20_000 + 4 * p, 4 * p + 2 * buckets, 8 * p // 4)
     two = trainer_at(2, 4)
-    assert (two.weights, two.gradients, two.states) == (20_000 + 4 * p, 4 * p // 4, 8 * p // 4)
+    assert (two.weights, two.gradients, two.states) == (20_000 + 4 * p, 4 * p // 4 + 2 * buckets, 8 * p // 4)
     three = trainer_at(3, 4)  # a quarter of the sharded part, the persistent part whole, one layer gathered
     assert three.weights == 20_000 + 4 * (2 * (900_000 // 4 + 100_000) + 50_000)
-    assert (three.gradients, three.states, three.activations) == (4 * p // 4, 8 * p // 4, 7_000)
+    assert (three.gradients, three.states, three.activations) == (4 * p // 4 + buckets, 8 * p // 4, 7_000)
     assert (three.params, three.trainable) == (p + 10_000, p)
     assert trainer_at(3, 1).training > trainer_at(3, 2).training > three.training
     # before ZeRO shards them: the reference UNet in float32 and the two masters copied from it
-    assert three.loading == 20_000 + 3 * 4 * 1_000_000 == three.total
+    assert three.loading == 20_000 + 3 * 4 * 1_000_000 and three.total == max(three.loading, three.training)
     # with adapters on one base: the base among the frozen networks, adapters alone trained, no float32 UNet while loading
     lora = fit.trainer_role(load_config(None, ["cluster.zero_stage=2", "cluster.trainer_workers=4", "model.lora={rank: 4}"]), MEASURED)
-    assert (lora.weights, lora.gradients, lora.states, lora.loading) == (20_000 + 4 * p, 4 * p // 4, 8 * p // 4, 20_000 + 4 * p)
+    assert (lora.weights, lora.gradients, lora.states, lora.loading) == (20_000 + 4 * p, 4 * p // 4 + 2 * buckets, 8 * p // 4, 20_000 + 4 * p)
     # the generator's EMA: float32 on what the rank steps, its partition under ZeRO-3
     assert trainer_at(3, 4, "optim.ema_decay=0.99").states - three.states == 4 * 1_000_000 // 4
     assert trainer_at(1, 4, "optim.ema_decay=0.99").states - one.states == 4 * 1_000_000

@@ -26,25 +26,8 @@ def _gloo_rank():
 def deepspeed_here(_gloo_rank, monkeypatch):
     """The in-process runtime with the Ray runtime's DeepSpeed engines in place of AdamW; returns
     its class. The rank's variables are set while the test runs only (ZeRO-3 reads them in forwards)."""
-    from distar.cluster import engines
-    from distar.run.in_process import InProcess
+    from distar.cluster.local_engines import LocalEngines
 
     for name, value in RANK_ENV.items():
         monkeypatch.setenv(name, value)
-
-    class DeepSpeedHere(InProcess):
-        def updates(self, generator, fake, timing):
-            self.engines = engines.Engines(generator, fake, self.cfg, timing, self.rank)
-            self.ema = self.engines.ema
-            return self.engines.updates()
-
-        def _write(self, folder):  # as distar.cluster.train_worker.RayTrain keeps checkpoints and the guard's generator
-            self.engines.write(str(folder))
-
-        def _read(self, folder):
-            self.engines.read(str(folder))
-
-        all_ranks_agree = staticmethod(engines.all_ranks_agree)
-        gathered = staticmethod(engines.gathered)
-
-    return DeepSpeedHere
+    return LocalEngines

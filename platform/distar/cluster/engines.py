@@ -19,6 +19,9 @@ from distar.roles.trainer import Update
 from distar.run.ema import GeneratorEMA, with_average
 
 PERSISTENCE_THRESHOLD = 100_000  # parameters smaller than this stay whole on every ZeRO-3 rank (distar.plan reads it)
+# Elements a gradient-reduction bucket holds. DeepSpeed's default (5e8) allocates 2 GB of float32 per
+# bucket up front (ZeRO-3: one per engine; ZeRO-1/2: one per engine, two with overlap_comm); 5e7 is 200 MB.
+REDUCE_BUCKET = 50_000_000
 
 
 def ds_config(cfg: RunConfig, spec: OptimizerSpec) -> dict:
@@ -31,6 +34,7 @@ def ds_config(cfg: RunConfig, spec: OptimizerSpec) -> dict:
         "bf16": {"enabled": False},
         "zero_optimization": {
             "stage": cfg.zero(),
+            "reduce_bucket_size": REDUCE_BUCKET,  # distar.plan counts these buffers
             "overlap_comm": torch.cuda.is_available(),  # no streams to overlap on CPU
             # Parameters under 1e5 elements stay whole on every rank (DeepSpeed's default), where a gather
             # costs more than the memory it saves; gradients and Adam states are sharded all the same.

@@ -1,7 +1,9 @@
 """Whether a run fits its GPUs: each role's bytes on one GPU, under the configured ZeRO stage and worker count.
 
 A trainer rank holds the generator and the fake score as float32 masters (distar.cluster.engines):
-4 bytes a parameter of weights, 4 of gradients and 8 of AdamW states for each. ZeRO shards the
+4 bytes a parameter of weights, 4 of gradients and 8 of AdamW states for each, and each engine's
+gradient-reduction buckets (engines.REDUCE_BUCKET float32 elements: two under ZeRO-1/2 on a GPU,
+one under ZeRO-3), counted with the gradients. ZeRO shards the
 states over the trainer workers from stage 1, the gradients too from stage 2, the weights too at
 stage 3, except the parameters DeepSpeed keeps whole on every rank (distar.cluster.engines.PERSISTENCE_THRESHOLD)
 and the one layer it gathers while that layer runs. Frozen networks (text encoders and VAE on the trainer;
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distar.cluster.engines import REDUCE_BUCKET
 from distar.config import RunConfig
 from distar.errors import UserError
 from distar.plan import architectures, peaks
@@ -76,10 +79,11 @@ def trainer_role(cfg: RunConfig, measured: peaks.Measured) -> Role:
     trainable = sum(net["params"] for net in nets)
     own = [-(-(net["params"] - net["persistent"]) // n) + net["persistent"] if stage == 3 else net["params"] for net in nets]
     held = sum(own) + (max(net["largest_layer"] for net in nets) if stage == 3 else 0)  # ZeRO-3 gathers one layer at a time
+    buckets = len(nets) * 4 * REDUCE_BUCKET * (1 if stage == 3 else 2)  # float32 reduction buffers, each engine's, on a GPU (overlap_comm)
     generator = nets[0]["params"]  # its average: float32, on this rank's partition under ZeRO-3 (distar.run.ema)
     ema = 4 * (-(-generator // n) if stage == 3 else generator) if cfg.optim.ema_decay is not None else 0
     return Role("trainer rank", n, cfg.cluster.trainer_gpus, measured.frozen_params + trainable, trainable,
-                measured.frozen_bytes + 4 * held, 4 * (-(-trainable // n) if stage >= 2 else trainable),
+                measured.frozen_bytes + 4 * held, 4 * (-(-trainable // n) if stage >= 2 else trainable) + buckets,
                 8 * -(-trainable // n) + ema, measured.activations,
                 "more cluster.trainer_workers under ZeRO-3, model.gradient_checkpointing or a smaller data.batch_size lower it",
                 loading=measured.frozen_bytes + (4 * trainable if cfg.model.lora else 3 * 4 * max(net["params"] for net in nets)))
