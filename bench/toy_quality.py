@@ -1,6 +1,7 @@
 """DI* against its teacher and against KL in the shapes world, at equal budget, over seeds.
 
     python bench/toy_quality.py [--seeds 0 1 2] [--set PATH=VALUE ...] [--runs DIR] [--prompts N] [--steps N] [--cfg W] [--guard FILE]
+                                [--divergences score kl]
 
 Trains (unless a run folder already holds a generator) the embedded default run with the score
 divergence and the same budget with KL (DI++) for each seed (run.seed: initial noise, batches,
@@ -84,14 +85,15 @@ def replay(folder: Path, judges: dict[str, float]) -> str:
     return f"{folder.name}: {tripped}, kept step {guard.state.kept_step} of {history[-1]['step']} (kept vs last: {cells})"
 
 
-def summary(rows: list[Subject], seeds: list[int]) -> str:
+def summary(rows: list[Subject], seeds: list[int], divergences: list[str]) -> str:
     """Mean +- sample standard deviation over the seeds of each divergence's rows, a line per metric."""
-    lines = [f"| metric | reference | {' | '.join(DIVERGENCES.values())} |", "|---|---|---|---|"]
+    names = [DIVERGENCES[d] for d in divergences]
+    lines = [f"| metric | reference | {' | '.join(names)} |", "|---|---|" + "---|" * len(names)]
     for k in SUMMARY:
         if k not in rows[-1].metrics:
             continue
         cells = [f"{rows[0].metrics[k]:.4g}" if k in rows[0].metrics else "-"]
-        for name in DIVERGENCES.values():
+        for name in names:
             values = [s.metrics[k] for s in rows if s.label.startswith(name)]
             spread = f" +- {statistics.stdev(values):.2g}" if len(values) > 1 else ""
             cells.append(f"{statistics.mean(values):.4g}{spread}")
@@ -108,11 +110,12 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", type=float, default=None, help="reference guidance scale (default: the run config's)")
     p.add_argument("--guard", type=Path, default=None, help="YAML file: judges to margins, replayed on each training's validations")
+    p.add_argument("--divergences", nargs="+", choices=list(DIVERGENCES), default=list(DIVERGENCES), help="which to train and judge (default: both)")
     args = p.parse_args()
     cfg = load_config(None, args.overrides)
     cfg_scale = args.cfg if args.cfg is not None else cfg.objective.cfg_scale
 
-    runs = {(d, s): args.runs / (f"bench-{d}" + (f"-seed{s}" if s else "")) for s in args.seeds for d in DIVERGENCES}
+    runs = {(d, s): args.runs / (f"bench-{d}" + (f"-seed{s}" if s else "")) for s in args.seeds for d in args.divergences}
     folders = {(d, s): trained(folder, d, s, args.overrides) for (d, s), folder in runs.items()}
     reference = Subject("reference", f"reference, {args.steps} DDIM steps, CFG {cfg_scale:g}",
                         lambda: Sampler(assets.path("reference"), args.steps, cfg_scale, world.SIZE))
@@ -123,7 +126,7 @@ def main() -> int:
     notes = [f"{args.prompts} held-out prompts of the shapes world, image i from noise seed {HELD_OUT_SEED} + i, all measured in this one run",
              f"the default run{' with ' + ', '.join(args.overrides) if args.overrides else ''}"]
     print(measure_all(rows, reference, prompts, HELD_OUT_SEED, judges, None, notes, log=lambda line: None, versus=AgainstReference(judges.reader.features, reference)))
-    print(summary(rows, args.seeds))
+    print(summary(rows, args.seeds, args.divergences))
     if args.guard is not None:
         judges_margins = safe_yaml.load(args.guard.read_text())
         print("\n".join(replay(folder, judges_margins) for folder in runs.values() if (folder / "validations.jsonl").is_file()))
