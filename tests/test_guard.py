@@ -15,6 +15,7 @@ from distar.run.guard import Guard
 from distar.run.in_process import run_loop
 from distar.run.loop import RunLoop
 from distar.run.validation import Validation
+from exported import exported_unet, largest_difference
 
 REWARDS = load_config().rewards  # pickscore (weight 1) and clip_score (weight 0.1): the training reward is their weighted sum
 SPEC = GuardSection(enabled=True, judges={"world/misplaced": 0.02, "acc/all": 0.1}, patience=2)
@@ -102,17 +103,6 @@ def keeping(runtime_class):
     return Keeping
 
 
-def exported(folder) -> dict:
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_pretrained(folder / "unet").state_dict()
-
-
-def exported_equals_kept(folder, kept: dict) -> bool:
-    weights = exported(folder)
-    return weights.keys() == kept.keys() and all(torch.equal(weights[k], kept[k]) for k in kept)
-
-
 @pytest.mark.slow
 def test_a_hacking_run_is_stopped_and_exports_the_kept_generator(tmp_path, mlflow_client):
     """Rewards alone at a high learning rate: the reader's faithfulness check sees the images leave
@@ -129,7 +119,7 @@ def test_a_hacking_run_is_stopped_and_exports_the_kept_generator(tmp_path, mlflo
     assert len(tripped) == 1 and "stopped with the generator of step" in tripped[0], lines
     kept_step = int(tripped[0].rsplit(" ", 1)[1])
     assert outcome.step < 40 and outcome.generator is not None and outcome.guard.startswith(f"kept the generator of step {kept_step} ")
-    assert exported_equals_kept(outcome.generator, runtime.kept)
+    assert outcome.generator == tmp_path / "generator" and largest_difference(exported_unet(tmp_path), runtime.kept) == 0
     tag = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db").get_run(tracked.run_id).data.tags["distar.guard"]
     assert tag == outcome.guard and tripped[0].removeprefix("guard: ") in tag
 
@@ -144,7 +134,7 @@ def test_on_deepspeed_zero3_a_rollback_reloads_the_kept_state_and_the_end_export
     outcome = RunLoop(cfg, runtime, log=lines.append).run()
     tripped = [line for line in lines if line.startswith("guard: ")]
     assert "rolled back to step" in tripped[0] and "stopped with the generator of step" in tripped[1], lines
-    assert outcome.generator is not None and exported_equals_kept(outcome.generator, runtime.kept)
+    assert outcome.generator == tmp_path / "generator" and largest_difference(exported_unet(tmp_path), runtime.kept) == 0
     assert all(torch.isfinite(v).all() for v in runtime.kept.values())  # ZeRO-3 gathers under gloo: no NaN crept in
 
 
@@ -170,7 +160,7 @@ def test_on_a_ray_cluster_two_zero3_ranks_roll_back_and_export_the_kept_generato
 
     cfg = load_config(None, sets)
     loop = run_loop(cfg, log=lambda line: None)
-    weights = exported(out / "generator")
+    weights = exported_unet(out)
     assert all(torch.isfinite(v).all() for v in weights.values())
     loop.generator.unet.load_state_dict(weights)
     again = Validation(cfg, loop.parts, loop.latent_shape, loop.score_rewards)(loop.generator)

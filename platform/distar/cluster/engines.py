@@ -98,7 +98,7 @@ class Engines:
         for engine in self.by_tag.values():
             time_zero(engine, timing)
         self.ema, self.rank = GeneratorEMA.of(generator, optim.ema_decay), rank  # after the engines: it averages ZeRO-3's partitions
-        self.frozen = any(not p.requires_grad for p in [*generator.parameters(), *fake.parameters()])  # a base not in the checkpoints
+        self.frozen = cfg.model.lora is not None  # adapters on a base that is not in the checkpoints
 
     def updates(self) -> tuple[Update, Update]:
         return with_average(EngineUpdate(self.by_tag["generator"]), self.ema), EngineUpdate(self.by_tag["fake_score"])
