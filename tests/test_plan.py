@@ -61,6 +61,22 @@ def test_a_run_on_cpu_is_not_planned_and_a_gpu_run_that_cannot_fit_is_refused():
         fit.check_run(cfg, 0.01)
 
 
+def test_the_activation_peak_is_the_works_worst_moment_not_the_one_of_the_largest_total():
+    """A temporary freed before the gradients arrive: the total peaks at the gradients, but the work's
+    own tensors peaked earlier (as full fine-tuning's activations do before its float32 gradients)."""
+    import torch
+
+    # 8 MiB of weights; the backward computes each layer's 4 MiB gradient, then keeps it: 16 MiB at the end
+    layers = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024))
+
+    def work():
+        temporary = torch.ones(6 * 2**18)  # 6 MiB (a total of 14), freed at once
+        del temporary
+        layers(torch.ones(1, 1024)).sum().backward()
+
+    assert 6 * 2**20 <= peaks.transient_peak(work, [layers]) < 6.5 * 2**20
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("role, sets", [(peaks.trainer, []), (peaks.trainer, ["model.lora={rank: 4}", "model.dtype=bfloat16"]),
                                         (peaks.reference, []), (peaks.reward, [])], ids=["trainer", "trainer-lora-bf16", "reference", "reward"])

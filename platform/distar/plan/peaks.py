@@ -37,34 +37,40 @@ from distar.models import lora, precision, tiny
 from distar.models.tokenizer import build_word_tokenizer
 from distar.plan.architectures import Architecture, RewardNet, default_dtype
 
+HELD = (_MemRefType.PARAM, _MemRefType.BUFFER, _MemRefType.GRAD)  # what a role holds, sized by ZeRO's rules (distar.plan.fit)
 
-class _GlobalPeak(MemTracker):
-    """MemTracker's accounting, keeping only its global peak (its per-module peaks walk every
-    module at every operation: minutes for one UNet step), and gradient hooks only on modules
-    that train (it would hook frozen parameters too, which torch refuses)."""
+
+class _TransientPeak(MemTracker):
+    """MemTracker's accounting, keeping only the peak of what is not held: the work's own tensors
+    at their worst moment. Not those live at the moment of the largest total: there, in full
+    fine-tuning, the float32 gradients have arrived and most activations are gone (SD1.5 at 512 px:
+    0.59 GiB live then, 2.34 GiB at worst), while ZeRO shards those gradients and LoRA has almost
+    none. Its per-module peaks walk every module at every operation (minutes for one UNet step),
+    so they are skipped; gradient hooks go only on modules that train (it would hook frozen
+    parameters too, which torch refuses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak = 0
 
     def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
         trains = all(p.requires_grad for p in module.parameters())
         return super()._track_module_params_and_buffers(module, install_grad_hooks and trains)
 
     def _update_peak_stats(self, peak_state) -> None:
-        for device, snap in self._curr_mem_snap.items():
-            if self._peak_mem.get(device, 0) < snap["Total"]:
-                self._peak_mem[device] = snap["Total"]
-                self._peak_mem_snap[device] = dict(snap)
+        live = sum(snap["Total"] - sum(snap[k] for k in HELD) for snap in self._curr_mem_snap.values())
+        self.peak = max(self.peak, live)
 
 
 def transient_peak(work: Callable[[], object], held: list) -> int:
     """Bytes beyond the held modules' weights and buffers, their gradients and the optimisers'
-    states (as they were before) at the peak of work()."""
-    tracker = _GlobalPeak()
+    states (as they were before) at the worst moment of work()."""
+    tracker = _TransientPeak()
     tracker.track_external(*held)
     with tracker:
         states = sum(snap[_MemRefType.OPT] for snap in tracker.get_tracker_snapshot("current").values())
         work()
-    peak = tracker.get_tracker_snapshot("peak").values()
-    held_types = (_MemRefType.PARAM, _MemRefType.BUFFER, _MemRefType.GRAD)
-    return sum(snap["Total"] - sum(snap[k] for k in held_types) for snap in peak) - states
+    return tracker.peak - states
 
 
 @dataclass
