@@ -136,3 +136,25 @@ def test_the_config_turns_checkpointing_on_for_every_network_with_a_backward(tmp
     assert [n.is_gradient_checkpointing for n in networks] == [True] * 4
     off = load_config(SMOKE, [f"run.output_dir={tmp_path}"])
     assert not build.reward_worker(off).decode.args[0].is_gradient_checkpointing
+
+
+def test_a_checkpointed_bf16_forward_keeps_no_copy_of_its_float32_weights():
+    """Autocast caches its bfloat16 copy of each trainable float32 weight until the region ends, which
+    would keep a whole UNet's copies through a checkpointed forward (0.49 GiB on SD1.5); a UNet is
+    called once a region, so the cache saves no cast. Eight 4 MiB layers: 2 MiB of copy each."""
+    from torch.utils.checkpoint import checkpoint
+
+    from distar.models.precision import autocast
+    from distar.plan.peaks import transient_peak
+
+    layers = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)])
+
+    def step():
+        with autocast(torch.bfloat16, "cpu"):
+            x = torch.ones(1, 1024, requires_grad=True)
+            for layer in layers:
+                x = checkpoint(layer, x, use_reentrant=False)
+        x.float().sum().backward()
+
+    step()  # the gradients exist from here on, as in training
+    assert transient_peak(step, [layers]) < 8 * 2**20  # one layer's copies at a time, not all 16 MiB

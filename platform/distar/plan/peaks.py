@@ -44,7 +44,7 @@ class _TransientPeak(MemTracker):
     """MemTracker's accounting, keeping only the peak of what is not held: the work's own tensors
     at their worst moment. Not those live at the moment of the largest total: there, in full
     fine-tuning, the float32 gradients have arrived and most activations are gone (SD1.5 at 512 px:
-    0.59 GiB live then, 2.34 GiB at worst), while ZeRO shards those gradients and LoRA has almost
+    0.59 GiB live then, 1.85 GiB at worst), while ZeRO shards those gradients and LoRA has almost
     none. Its per-module peaks walk every module at every operation (minutes for one UNet step),
     so they are skipped; gradient hooks go only on modules that train (it would hook frozen
     parameters too, which torch refuses)."""
