@@ -9,8 +9,9 @@ stage 3, except the parameters DeepSpeed keeps whole on every rank (distar.clust
 and the one layer it gathers while that layer runs. Frozen networks (text encoders and VAE on the trainer;
 UNet, text encoders and VAE on a reference replica; VAE and reward models on a reward replica)
 are whole, in model.dtype. With optim.ema_decay, the generator's average (float32, on the rank's
-partition under ZeRO-3) counts with the optimiser states. The activation peak of one micro-batch is measured (distar.plan.peaks) and added to
-the whole gradients: a bound, as the gradients arrive while the activations are freed.
+partition under ZeRO-3) counts with the optimiser states. The activation peak of one micro-batch
+is measured (distar.plan.peaks) and added to the whole gradients: a bound, as the gradients
+arrive while the activations are freed.
 Before ZeRO shards anything, a trainer rank loads the reference UNet in float32 and copies it into
 both masters (distar.run.loop): three whole float32 UNets, often the larger of its two peaks. With
 model.lora it holds the UNet once, frozen, in model.dtype, among its frozen networks, and trains
