@@ -81,12 +81,13 @@ def test_the_activation_peak_is_the_works_worst_moment_not_the_one_of_the_larges
 @pytest.mark.parametrize("role, sets", [(peaks.trainer, []), (peaks.trainer, ["model.lora={rank: 4}", "model.dtype=bfloat16"]),
                                         (peaks.reference, []), (peaks.reward, [])], ids=["trainer", "trainer-lora-bf16", "reference", "reward"])
 def test_fake_tensors_measure_the_same_peak_as_real_ones(role, sets):
-    """The plan's peak (fake tensors: nothing allocated) against the same work on real tensors."""
+    """The plan's peak (fake tensors: nothing allocated) against what torch's allocator holds at most
+    while the same work runs on real tensors, kernels' own buffers included."""
     cfg = load_config(None, ["model.reference=tiny-random", "rewards.0.source=tiny-random", "rewards.1.source=tiny-random", *sets])
     arch = architectures.architecture(cfg)
-    planned, real = role(arch, cfg, fake=True), role(arch, cfg, fake=False)
+    planned, real = role(arch, cfg, fake=True), role(arch, cfg, fake=False, peak=peaks.allocated_peak)
     assert (planned.frozen_bytes, planned.trainable) == (real.frozen_bytes, real.trainable)
-    assert real.activations > 0 and abs(planned.activations - real.activations) <= 0.05 * real.activations
+    assert real.activations > 0 and abs(planned.activations - real.activations) <= 0.01 * real.activations
 
 
 @pytest.mark.slow

@@ -15,8 +15,9 @@ AdamW step's temporaries). The same functions on real tensors (fake=False) check
 - reward replica: RewardWorker on max_batch_size latents: VAE decode and every reward model,
   each back-propagated to the latents.
 model.gradient_checkpointing is honoured where build.checkpointed honours it. Each role takes
-the measurement as `peak(work, held)` (default transient_peak); bench/plan_check.py passes one
-that reads the process's resident memory instead.
+the measurement as `peak(work, held)`: transient_peak by default; allocated_peak, on real tensors,
+reads torch's CPU allocator instead (tests/test_plan.py, bench/plan_check.py), which also sees
+the buffers kernels allocate for themselves.
 """
 
 from __future__ import annotations
@@ -71,6 +72,29 @@ def transient_peak(work: Callable[[], object], held: list) -> int:
         states = sum(snap[_MemRefType.OPT] for snap in tracker.get_tracker_snapshot("current").values())
         work()
     return tracker.peak - states
+
+
+def allocated_peak(work: Callable[[], object], held: list) -> int:
+    """The most bytes torch's CPU allocator holds at once beyond what it held before, while work()
+    runs after one warm-up run (lazily built state, such as oneDNN's primitives, is not the work's
+    peak): CPU's counterpart of CUDA's max_memory_allocated, from the profiler's allocation events."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    work()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        work()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation:  # alloc_size is negative for a free
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))
+    held_now = peak = 0
+    for _, size in sorted(events):
+        held_now += size
+        peak = max(peak, held_now)
+    return peak
 
 
 @dataclass
