@@ -15,8 +15,12 @@ measured three ways:
   (MALLOC_MMAP_THRESHOLD_). By default glibc raises that threshold to the largest block freed so
   far, so a freed activation's memory stays on the heap, resident, where later blocks of other
   sizes do not always fit.
-Prints the three and the ratios planned / allocated and planned / resident (mmap >= 128 KiB);
-issue 20's target is within 25% (0.75x to 1.25x).
+Then the trainer's loading peak (distar.plan.fit: the reference's parts with three float32
+UNets, or the base and its adapters with model.lora), which decides the presets' trainer totals
+and is a rule, not a fake-tensor run, against the same three measurements of the trainer's own
+loading code (distar.run.build) on the tiny models, full fine-tuning and LoRA, in float32 and
+bfloat16. Prints the three and the ratios planned / allocated and planned / resident (mmap >=
+128 KiB); issue 20's target is within 25% (0.75x to 1.25x).
 """
 
 from __future__ import annotations
@@ -31,13 +35,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
+TINY = ["model.reference=tiny-random", "rewards.0.source=tiny-random", "rewards.1.source=tiny-random"]
 MODELS = {
-    "tiny, 256 px, batch 4": ["model.reference=tiny-random", "rewards.0.source=tiny-random", "rewards.1.source=tiny-random",
-                              "model.resolution=256", "data.batch_size=4", "cluster.reward_pool.max_batch_size=4",
+    "tiny, 256 px, batch 4": [*TINY, "model.resolution=256", "data.batch_size=4", "cluster.reward_pool.max_batch_size=4",
                               "cluster.reference_pool.max_batch_size=4"],
     "shapes world, 32 px, batch 8": ["cluster.reward_pool.max_batch_size=8", "cluster.reference_pool.max_batch_size=8"],
 }
 ROLES = ("trainer", "reference", "reward")
+LOADING = {
+    "tiny, float32": TINY,
+    "tiny, bfloat16": [*TINY, "model.dtype=bfloat16"],
+    "tiny, LoRA rank 4, float32": [*TINY, "model.lora={rank: 4}"],
+    "tiny, LoRA rank 4, bfloat16": [*TINY, "model.lora={rank: 4}", "model.dtype=bfloat16"],
+}
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(128 * 2**10)}  # read by glibc at start; set, it is no longer adjusted
 
 
@@ -60,6 +70,15 @@ def one(role: str, overrides: list[str]) -> dict:
     torch.set_num_threads(2)
     cfg = load_config(None, overrides)
     arch = architectures.architecture(cfg)
+    if role == "trainer, loading":
+        from distar.plan import fit
+        from distar.run import build
+
+        def load():
+            build.trainable_networks(cfg, build.reference_parts(cfg, "cpu", trainer=True))
+
+        return {"planned": fit.trainer_role(cfg, peaks.trainer(arch, cfg)).loading,
+                "allocated": peaks.allocated_peak(load, []), "resident": resident_peak(load, [])}
     measure = getattr(peaks, role)
     return {"planned": measure(arch, cfg, fake=True).activations,
             "allocated": measure(arch, cfg, fake=False, peak=peaks.allocated_peak).activations,
@@ -81,16 +100,15 @@ def main() -> int:
     p.add_argument("--one", nargs=2, metavar=("ROLE", "MODEL"), help=argparse.SUPPRESS)  # a child process's single measurement
     a = p.parse_args()
     if a.one:
-        print(json.dumps(one(a.one[0], MODELS[a.one[1]] + a.overrides)))
+        print(json.dumps(one(a.one[0], {**MODELS, **LOADING}[a.one[1]] + a.overrides)))
         return 0
     print("| model | role | planned (MB) | allocated (MB) | resident (MB) | resident, mmap >= 128 KiB (MB) | planned / allocated | planned / resident, mmap >= 128 KiB |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for model in MODELS:
-        for role in ROLES:
-            mb = in_child(role, model, a.overrides, {})
-            mb["resident_mmap"] = in_child(role, model, a.overrides, FIXED_MMAP)["resident"]
-            print(f"| {model} | {role} | {mb['planned']:.1f} | {mb['allocated']:.1f} | {mb['resident']:.1f} | {mb['resident_mmap']:.1f} "
-                  f"| {mb['planned'] / mb['allocated']:.2f}x | {mb['planned'] / mb['resident_mmap']:.2f}x |", flush=True)
+    for model, role in [*((m, r) for m in MODELS for r in ROLES), *((m, "trainer, loading") for m in LOADING)]:
+        mb = in_child(role, model, a.overrides, {})
+        mb["resident_mmap"] = in_child(role, model, a.overrides, FIXED_MMAP)["resident"]
+        print(f"| {model} | {role} | {mb['planned']:.2f} | {mb['allocated']:.2f} | {mb['resident']:.2f} | {mb['resident_mmap']:.2f} "
+              f"| {mb['planned'] / mb['allocated']:.2f}x | {mb['planned'] / mb['resident_mmap']:.2f}x |", flush=True)
     return 0
 
 
