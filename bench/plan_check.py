@@ -18,9 +18,9 @@ measured three ways:
 Then the trainer's loading peak (distar.plan.fit: the reference's parts with three float32
 UNets, or the base and its adapters with model.lora), which decides the presets' trainer totals
 and is a rule, not a fake-tensor run, against the same three measurements of the trainer's own
-loading code (distar.run.build) on the tiny models, full fine-tuning and LoRA, in float32 and
-bfloat16. Prints the three and the ratios planned / allocated and planned / resident (mmap >=
-128 KiB); issue 20's target is within 25% (0.75x to 1.25x).
+loading code (distar.plan.peaks.trainer_loading) on the tiny models, full fine-tuning and LoRA,
+in float32 and bfloat16. Prints the three and the ratios planned / allocated and planned /
+resident (mmap >= 128 KiB); issue 20's target is within 25% (0.75x to 1.25x).
 """
 
 from __future__ import annotations
@@ -72,13 +72,9 @@ def one(role: str, overrides: list[str]) -> dict:
     arch = architectures.architecture(cfg)
     if role == "trainer, loading":
         from distar.plan import fit
-        from distar.run import build
-
-        def load():
-            build.trainable_networks(cfg, build.reference_parts(cfg, "cpu", trainer=True))
 
         return {"planned": fit.trainer_role(cfg, peaks.trainer(arch, cfg)).loading,
-                "allocated": peaks.allocated_peak(load, []), "resident": resident_peak(load, [])}
+                "allocated": peaks.trainer_loading(cfg), "resident": peaks.trainer_loading(cfg, peak=resident_peak)}
     measure = getattr(peaks, role)
     return {"planned": measure(arch, cfg, fake=True).activations,
             "allocated": measure(arch, cfg, fake=False, peak=peaks.allocated_peak).activations,

@@ -97,6 +97,14 @@ def allocated_peak(work: Callable[[], object], held: list) -> int:
     return peak
 
 
+def trainer_loading(cfg: RunConfig, peak=allocated_peak) -> int:
+    """The peak of the trainer's own loading code (distar.run.build) on real tensors on the CPU: the
+    check of distar.plan.fit's loading rule, which fake tensors cannot run (loading reads files)."""
+    from distar.run import build
+
+    return peak(lambda: build.trainable_networks(cfg, build.reference_parts(cfg, "cpu", trainer=True)), [])
+
+
 @dataclass
 class Measured:
     """What one role holds and needs: its networks' sizes and the peak of its work."""
